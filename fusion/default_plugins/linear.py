@@ -1,0 +1,34 @@
+"""linear: the weighted average of the models (Model Soups)."""
+
+from __future__ import annotations
+
+import fusion
+
+
+class Linear(fusion.Strategy):
+    name = "linear"
+    description = "Weighted average of the models' parameters: Σ wᵢθᵢ / Σ wᵢ."
+    paper = "https://arxiv.org/abs/2203.05482"
+    base = "unused"
+    parameters = (
+        fusion.Param("weight", float, 1.0, per_model=True, help="wᵢ, the model's weight"),
+        fusion.Param("normalize", bool, True, help="divide by Σ wᵢ"),
+    )
+
+    def merge(self, base, tensors, params):
+        weights = params["weight"]
+        total = sum(w * t for w, t in zip(weights, tensors))
+        if not params["normalize"]:
+            return total
+        denominator = sum(weights)
+        if abs(denominator) < 1e-8:
+            raise fusion.MergeError(
+                f"the linear weights {weights} sum to 0, so their average is undefined; "
+                f"change the weights or set normalize: false"
+            )
+        return total / denominator
+
+
+@fusion.hookimpl
+def register_strategies(register) -> None:
+    register(Linear())

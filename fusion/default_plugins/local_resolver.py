@@ -1,0 +1,15 @@
+"""Resolve model references that are local folders. Asked first, so a local path always wins."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import fusion
+
+
+@fusion.hookimpl(tryfirst=True)
+def resolve_model(reference: str, options: fusion.ResolveOptions) -> str | None:
+    path = Path(reference).expanduser()
+    if not path.is_absolute():
+        path = Path(options.base_dir) / path
+    return str(path.resolve()) if path.exists() else None

@@ -1,0 +1,29 @@
+"""task_arithmetic: add the weighted task vectors δᵢ = θᵢ − θ₀ to the base."""
+
+from __future__ import annotations
+
+import fusion
+
+
+class TaskArithmetic(fusion.Strategy):
+    name = "task_arithmetic"
+    description = "Base plus the weighted sum of task vectors: θ₀ + λ·Σ wᵢ(θᵢ − θ₀)."
+    paper = "https://arxiv.org/abs/2212.04089"
+    base = "required"
+    parameters = (
+        fusion.Param("weight", float, 1.0, per_model=True, help="wᵢ, the task vector's weight"),
+        fusion.Param("lambda", float, 1.0, help="λ, scales the summed task vectors"),
+        fusion.Param("normalize", bool, False, help="divide by Σ wᵢ (left out when |Σ wᵢ| < 1e-8)"),
+    )
+
+    def merge(self, base, tensors, params):
+        weights = params["weight"]
+        delta = sum(w * (t - base) for w, t in zip(weights, tensors))
+        if params["normalize"] and abs(sum(weights)) >= 1e-8:
+            delta = delta / sum(weights)
+        return base + params["lambda"] * delta
+
+
+@fusion.hookimpl
+def register_strategies(register) -> None:
+    register(TaskArithmetic())

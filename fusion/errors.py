@@ -1,0 +1,30 @@
+"""User-facing errors.
+
+Every problem a user can fix is raised as a :class:`FusionError` whose message is one sentence:
+what is wrong, where (file, config path, tensor), and how to fix it. The CLI prints the message
+and exits 1; anything else is a bug and keeps its traceback behind ``--debug``.
+"""
+
+from __future__ import annotations
+
+
+class FusionError(Exception):
+    """A problem with the user's input: printed as one sentence, exit code 1."""
+
+
+class ConfigError(FusionError):
+    """A problem in the merge config, located by its path (``models[1].parameters.density``)."""
+
+    def __init__(self, path: str, message: str, line: int | None = None):
+        self.path = path
+        self.line = line
+        where = f"{path}" + (f" (line {line})" if line else "") if path else ""
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class CheckpointError(FusionError):
+    """A checkpoint that cannot be read: missing, not a model folder, corrupt, inconsistent."""
+
+
+class MergeError(FusionError):
+    """A problem found while planning or running a merge (shapes, missing tensors, non-finite)."""
