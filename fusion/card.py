@@ -1,0 +1,59 @@
+"""The model card (README.md) written beside a merged model."""
+
+from __future__ import annotations
+
+import yaml
+
+from .plan import Plan
+
+
+def model_card(plan: Plan, resolved: dict) -> str:
+    refs = []
+    for m in ([plan.base] if plan.base else []) + plan.models + [plan.layout]:
+        if m.reference not in refs:
+            refs.append(m.reference)
+    front = {
+        "base_model": refs,
+        "base_model_relation": "merge",
+        "library_name": "transformers",
+        "tags": ["merge", "fusion"],
+    }
+    s = plan.strategy
+    method = f"[{s.name}]({s.paper})" if s.paper else s.name
+    lines = [
+        "---",
+        yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(),
+        "---",
+        "",
+        "# Merged model",
+        "",
+        f"This model was made with fusion by merging the models below with {method}: {s.description}",
+        "",
+        "## Models",
+        "",
+    ]
+    if plan.base:
+        lines.append(f"- base: `{plan.base.reference}`{_pin(plan.base.reference, resolved)}")
+    for m in plan.models:
+        lines.append(f"- `{m.reference}`{_pin(m.reference, resolved)}")
+    if plan.layout not in plan.models and plan.layout is not plan.base:
+        lines.append(f"- layout, config and tokenizer: `{plan.layout.reference}`{_pin(plan.layout.reference, resolved)}")
+    merged = sum(t.action == "merge" for t in plan.tensors)
+    lines += [
+        "",
+        f"{merged} of {len(plan.tensors)} tensors were merged; the others were carried over unchanged "
+        f"from `{plan.layout.reference}`.",
+        "",
+        "## Configuration",
+        "",
+        "```yaml",
+        plan.config.text.rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _pin(reference: str, resolved: dict) -> str:
+    info = resolved.get(reference)
+    return f" (commit `{info['commit']}`)" if isinstance(info, dict) and info.get("commit") else ""

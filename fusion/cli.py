@@ -1,0 +1,199 @@
+"""The `fusion` command line. Heavy modules (torch) are imported inside commands only."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import FusionError
+
+_debug = False
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="fusion")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.option("--plugin", "plugins", multiple=True, metavar="MODULE_OR_FILE",
+              help="Load a plugin from a module name or a .py file (repeatable).")
+def cli(debug: bool, plugins: tuple[str, ...]) -> None:
+    """Merge and fuse language and vision-language models.
+
+    \b
+    fusion demo                      a real merge of tiny models, no network
+    fusion merge CONFIG -o OUT       merge the models a YAML config names
+    fusion plan CONFIG               show what a merge would do, tensor by tensor
+    fusion plugins                   installed plugins, strategies and their parameters
+    """
+    global _debug
+    _debug = _debug or debug
+    from . import plugins as pm
+
+    for spec in plugins:
+        pm.add_local_plugin(spec)
+
+
+def _plan(config_path: str, offline: bool, cache_dir: str | None):
+    from .config import load_config
+    from .plan import build_plan
+    from .resolve import ResolveOptions
+
+    config = load_config(config_path)
+    options = ResolveOptions(base_dir=config.base_dir, offline=offline, cache_dir=cache_dir)
+    return build_plan(config, options)
+
+
+_offline = click.option("--offline", is_flag=True, default=False,
+                        help="Use only local folders and the download cache (no network).")
+_cache_dir = click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+                          help="Download cache for Hub models (default: the Hugging Face cache).")
+
+
+@cli.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output model folder.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and stop; nothing is read or written.")
+@click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
+@click.option("--kernel", type=click.Choice(["auto", "c", "torch"]), default="auto", show_default=True,
+              help="Merge kernels: compiled C, the torch reference, or the best available.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads for the merge arithmetic.")
+@click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard (e.g. 5GB, 500MB).")
+@click.option("--no-card", is_flag=True, help="Do not write a model card (README.md).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+@_offline
+@_cache_dir
+def merge(config, output, dry_run, force, kernel, threads, shard_size, no_card, quiet, offline, cache_dir):
+    """Merge the models named in CONFIG into the folder OUTPUT."""
+    from .writer import parse_size
+
+    size = parse_size(shard_size)
+    plan = _plan(config, offline, cache_dir)
+    try:
+        if dry_run:
+            from .plan import render
+
+            click.echo(render(plan))
+            return
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        from .engine import run_merge
+
+        summary = run_merge(plan, Path(output), force=force, shard_size=size, kernel=kernel,
+                            progress=not quiet, card=not no_card)
+    finally:
+        plan.close()
+    if not quiet:
+        click.echo(summary.text())
+
+
+@cli.command("plan")
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_offline
+@_cache_dir
+def plan_cmd(config, as_json, offline, cache_dir):
+    """Show, tensor by tensor, what merging CONFIG would do."""
+    from .plan import describe, render
+
+    plan = _plan(config, offline, cache_dir)
+    try:
+        click.echo(json.dumps(describe(plan), indent=2) if as_json else render(plan))
+    finally:
+        plan.close()
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plugins(as_json):
+    """List plugins: distribution, version, what each registers, and load errors."""
+    from . import plugins as pm
+
+    infos = pm.plugin_infos()
+    strategies = pm.strategies()
+    if as_json:
+        data = [dict(i.as_dict(), strategies=[strategies[s].describe() for s in i.strategies if s in strategies])
+                for i in infos]
+        click.echo(json.dumps(data, indent=2))
+        return
+    for info in infos:
+        dist = f"{info.distribution} {info.version}" if info.distribution else info.origin
+        click.echo(f"{info.name}  ({dist}, {info.origin})")
+        if info.error:
+            click.echo(f"  ERROR: {info.error}")
+        for hook in info.hooks:
+            if hook == "resolve_model":
+                click.echo("  resolves model references")
+        for name in info.strategies:
+            s = strategies.get(name)
+            if s is None:
+                continue
+            paper = f"  {s.paper}" if s.paper else ""
+            click.echo(f"  strategy {s.name}: {s.description}{paper}")
+            for p in s.parameters:
+                rng = f" in {p.range_text}" if p.range_text else ""
+                scope = "per model" if p.per_model else "global"
+                click.echo(f"    {p.name} ({p.type.__name__}, {scope}, default {p.default!r}{rng})"
+                           + (f": {p.help}" if p.help else ""))
+        if info.architectures:
+            click.echo(f"  architectures: {', '.join(info.architectures)}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def architectures(as_json):
+    """List the architectures fusion recognises."""
+    from . import plugins as pm
+
+    specs = pm.architectures()
+    if as_json:
+        click.echo(json.dumps([s.describe() for s in specs], indent=2))
+        return
+    for s in specs:
+        names = ", ".join(s.architectures + tuple(f"model_type={m}" for m in s.model_types))
+        click.echo(f"{s.name:<12} {s.description}  ({names})")
+
+
+@cli.command()
+@click.option("-o", "--output", type=click.Path(file_okay=False), default=None,
+              help="Keep the demo's models and merged output in this folder.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def demo(output, quiet):
+    """Build a tiny Qwen2 base and two fine-tunes, merge them, and check the result."""
+    from .demo import run_demo
+
+    run_demo(Path(output) if output else None, progress=not quiet, echo=click.echo)
+
+
+def main(argv: list[str] | None = None) -> None:
+    global _debug
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _debug = "--debug" in argv or os.environ.get("FUSION_DEBUG") == "1"
+    try:
+        cli.main(args=argv, prog_name="fusion", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(1)
+    except FusionError as exc:
+        if _debug:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("interrupted; no output was written", err=True)
+        sys.exit(130)
+    except Exception as exc:  # a bug: say so, keep the traceback behind --debug
+        if _debug:
+            raise
+        click.echo(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True)
+        sys.exit(2)

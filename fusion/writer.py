@@ -1,0 +1,140 @@
+"""Writing the output: an atomic output folder and a streaming sharded safetensors writer.
+
+The plan knows every output tensor's name, dtype and shape before anything is computed, so the
+shards and their headers are laid out up front and each tensor is written the moment it is
+merged: nothing is held back to be written later.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from .checkpoint import DTYPES
+from .errors import FusionError
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' → 5·10⁹ bytes (decimal units as transformers uses; GiB/MiB are binary)."""
+    if isinstance(text, int):
+        return text
+    s = str(text).strip().upper().replace(" ", "")
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+             "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+    for unit, factor in units.items():
+        if s.endswith(unit):
+            number = s[: -len(unit)]
+            break
+    else:
+        number, factor = s, 1
+    try:
+        value = int(float(number) * factor)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise FusionError(f"shard size {text!r} is not a size; use e.g. 5GB, 500MB or a number of bytes")
+    return value
+
+
+@contextmanager
+def atomic_folder(target: Path, force: bool) -> Iterator[Path]:
+    """Yield a temporary folder beside ``target`` that becomes ``target`` only on success."""
+    target = Path(target).absolute()
+    if target.exists() and not (target.is_dir() and not any(target.iterdir())) and not force:
+        raise FusionError(f"output folder {target} already exists and is not empty; "
+                          f"choose another -o or pass --force to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.fusion-tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.fusion-old-{uuid.uuid4().hex[:8]}"
+        os.rename(target, old)
+    os.rename(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class ShardedWriter:
+    """Writes planned tensors, in plan order, into transformers-named safetensors shards."""
+
+    def __init__(self, folder: Path, entries: Sequence[tuple[str, str, tuple[int, ...]]], shard_size: int):
+        self.folder = Path(folder)
+        shards: list[list[tuple[str, str, tuple[int, ...], int]]] = [[]]
+        used = 0
+        for name, dtype, shape in entries:
+            n = DTYPES[dtype][1]
+            for d in shape:
+                n *= d
+            if shards[-1] and used + n > shard_size:
+                shards.append([])
+                used = 0
+            shards[-1].append((name, dtype, tuple(shape), n))
+            used += n
+        count = len(shards)
+        self.files = ["model.safetensors"] if count == 1 else [
+            f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)
+        ]
+        self.order: list[tuple[int, str, str, tuple[int, ...], int]] = []
+        self.headers: list[bytes] = []
+        self.total_size = 0
+        for i, shard in enumerate(shards):
+            header: dict = {"__metadata__": {"format": "pt"}}
+            offset = 0
+            for name, dtype, shape, n in shard:
+                header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+                offset += n
+                self.order.append((i, name, dtype, shape, n))
+            self.total_size += offset
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned
+            self.headers.append(len(raw).to_bytes(8, "little") + raw)
+        self._next = 0
+        self._file = None
+        self._shard = -1
+
+    def write(self, name: str, tensor) -> None:
+        shard, expected, dtype, shape, n = self.order[self._next]
+        if name != expected:
+            raise RuntimeError(f"tensor {name} written out of plan order (expected {expected})")
+        if tuple(tensor.shape) != shape or str(tensor.dtype).removeprefix("torch.") != DTYPES[dtype][0]:
+            raise RuntimeError(f"tensor {name} is {tensor.dtype} {list(tensor.shape)}, planned {dtype} {list(shape)}")
+        if shard != self._shard:
+            self._close()
+            self._shard = shard
+            self._file = open(self.folder / self.files[shard], "wb")
+            self._file.write(self.headers[shard])
+        if n:
+            flat = tensor.contiguous().reshape(-1)
+            import torch
+
+            self._file.write(flat.view(torch.uint8).numpy().data)
+        self._next += 1
+
+    def _close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def finish(self) -> list[str]:
+        """Close the last shard, write the index when sharded; return the weight files."""
+        self._close()
+        if self._next != len(self.order):
+            raise RuntimeError(f"only {self._next} of {len(self.order)} planned tensors were written")
+        if len(self.files) > 1:
+            index = {
+                "metadata": {"total_size": self.total_size},
+                "weight_map": {name: self.files[shard] for shard, name, *_ in self.order},
+            }
+            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return list(self.files)
