@@ -8,12 +8,14 @@ from .plan import Plan
 
 
 def model_card(plan: Plan, resolved: dict) -> str:
-    refs = []
+    refs: list[str] = []
     for m in ([plan.base] if plan.base else []) + plan.models + [plan.layout]:
         if m.reference not in refs:
             refs.append(m.reference)
+    # the Hub's base_model field takes repository ids; local folders are named in the text below
+    hub = [r.split("@", 1)[0] for r in refs if r in resolved]
     front = {
-        "base_model": refs,
+        "base_model": hub or refs,
         "base_model_relation": "merge",
         "library_name": "transformers",
         "tags": ["merge", "fusion"],
