@@ -62,35 +62,42 @@ def select_kernel(plan: Plan, kernel: str) -> tuple[str, Callable]:
     return "torch", plan.strategy.merge
 
 
-def _merge_one(tp: TensorPlan, fn: Callable, layout_read) -> Any:
+#: Elements per chunk for elementwise strategies: bounds the float32 working set per input.
+CHUNK_ELEMENTS = 1 << 21
+
+
+def _merge_one(tp: TensorPlan, fn: Callable, elementwise: bool, layout_read) -> Any:
     import torch
 
-    def load(pair):
-        t = pair[0].checkpoint.read(pair[1].name)
-        if tp.rows is not None:
-            t = t[: tp.rows]
-        # a fresh float32 copy: inputs are read-only maps and strategies may work in place
-        return t.to(torch.float32, copy=True)
-
-    base = load(tp.base) if tp.base else None
-    inputs = [load(p) for p in tp.inputs]
-    try:
-        result = fn(base, inputs, tp.params)
-    except FusionError as exc:
-        raise MergeError(f"tensor {tp.name}: {exc}") from None
-    expected = (tp.rows, *tp.shape[1:]) if tp.rows is not None else tp.shape
-    if not isinstance(result, torch.Tensor) or tuple(result.shape) != tuple(expected):
-        got = tuple(result.shape) if isinstance(result, torch.Tensor) else type(result).__name__
-        raise MergeError(f"strategy returned {got} for tensor {tp.name}, expected shape {list(expected)}")
-    out = result.to(getattr(torch, DTYPES[tp.dtype][0]))
+    rows = tp.rows if tp.rows is not None else (tp.shape[0] if tp.shape else None)
+    views = [pair[0].checkpoint.read(pair[1].name) for pair in ([tp.base] if tp.base else []) + tp.inputs]
+    out_dtype = getattr(torch, DTYPES[tp.dtype][0])
+    full = torch.empty(tp.shape, dtype=out_dtype)
+    out = full[:rows] if tp.rows is not None else full  # merged rows; the rest are carried below
+    row_elems = max(1, out[0].numel()) if out.dim() else 1
+    step = max(1, CHUNK_ELEMENTS // row_elems) if elementwise and out.dim() else max(rows or 1, 1)
+    for a in range(0, max(rows or 1, 1), step):
+        sl = slice(a, min(a + step, rows)) if out.dim() else ...
+        # fresh float32 copies: inputs are read-only maps and strategies may work in place
+        chunk = [v[sl].to(torch.float32, copy=True) for v in views]
+        base, inputs = (chunk[0], chunk[1:]) if tp.base else (None, chunk)
+        try:
+            result = fn(base, inputs, tp.params)
+        except FusionError as exc:
+            raise MergeError(f"tensor {tp.name}: {exc}") from None
+        target = out[sl]
+        if not isinstance(result, torch.Tensor) or result.shape != target.shape:
+            got = tuple(result.shape) if isinstance(result, torch.Tensor) else type(result).__name__
+            raise MergeError(f"strategy returned {got} for tensor {tp.name}, expected shape {list(target.shape)}")
+        target.copy_(result)
+        del chunk, base, inputs, result
     if not bool(torch.isfinite(out).all()):
         bad = int((~torch.isfinite(out)).sum())
         raise MergeError(f"merged tensor {tp.name} has {bad} non-finite values (inf/NaN) in {tp.dtype}; "
                          f"check the weights and lambda, or the input models")
     if tp.rows is not None and tp.rows < tp.shape[0]:
-        extra = layout_read()[tp.rows:].to(out.dtype)
-        out = torch.cat([out, extra])
-    return out
+        full[tp.rows:] = layout_read()[tp.rows:]
+    return full
 
 
 def execute(plan: Plan, folder: Path, *, shard_size: int, kernel: str = "auto",
@@ -113,7 +120,7 @@ def execute(plan: Plan, folder: Path, *, shard_size: int, kernel: str = "auto",
                 out = model.checkpoint.read(info.name)
                 summary.carried += 1
             else:
-                out = _merge_one(tp, fn, lambda: layout.read(tp.name))
+                out = _merge_one(tp, fn, plan.strategy.elementwise, lambda: layout.read(tp.name))
                 summary.merged += 1
             writer.write(tp.name, out)
             del out

@@ -206,7 +206,7 @@ def build_plan(config: MergeConfig, options: ResolveOptions | None = None) -> Pl
         tp.params = resolve_parameters(config, strategy, entries, (name, role.canonical),
                                        _position(role, num_layers))
     for m in [base] + models if base else models:
-        extra = set(m.by_canonical) - {t.canonical for t in tensors} - {m.spec.tied_pair[1]}
+        extra = set(m.by_canonical) - {t.canonical for t in tensors}
         if m is not layout and extra:
             notices.append(f"{m.label} has {len(extra)} tensors the layout model does not have "
                            f"(e.g. {sorted(extra)[0]}); the output follows the layout model")

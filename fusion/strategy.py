@@ -110,6 +110,9 @@ class Strategy:
     parameters: Sequence[Param] = ()
     #: "required": needs ``base_model``; "optional": uses it when given; "unused": ignores it.
     base: str = "required"
+    #: True when each output element depends only on the inputs at the same position; the host
+    #: then merges large tensors in row chunks, so memory does not grow with tensor size.
+    elementwise: bool = False
 
     def merge(
         self,

@@ -210,3 +210,22 @@ def test_vocabulary_rows_only_layout_has_are_carried(tmp_path):
         assert torch.equal(out[name][20:], base[name][20:])
         b = base[name][:20].float()
         torch.testing.assert_close(out[name][:20], (b + 0.5 * (ft[name].float() - b)).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
+def test_chunked_elementwise_merge_equals_whole_tensor_merge(tmp_path, monkeypatch, method):
+    """Elementwise strategies run in row chunks on large tensors; the chunks must not show."""
+    import fusion.engine
+
+    shape = Shape(vocab=23, heads=3, head_dim=4)
+    base = random_tensors(shape, "bfloat16", 7)
+    save_checkpoint(tmp_path / "base", shape, "bfloat16", base)
+    for i in range(2):
+        save_checkpoint(tmp_path / f"ft{i}", shape, "bfloat16", random_tensors(shape, "bfloat16", 8 + i, like=base))
+    text = (f"merge_method: {method}\nbase_model: ./base\nmodels:\n{models_yaml(['ft0', 'ft1'], [0.6, 0.9])}\n"
+            "parameters: {normalize: true}\n")
+    whole = load_folder(merge(tmp_path, text))
+    monkeypatch.setattr(fusion.engine, "CHUNK_ELEMENTS", 25)  # several rows, not a row multiple
+    chunked = load_folder(merge(tmp_path, text))
+    for name in whole:
+        torch.testing.assert_close(chunked[name], whole[name], rtol=2 ** -8, atol=1e-7, msg=name)

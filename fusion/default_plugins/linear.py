@@ -10,6 +10,7 @@ class Linear(fusion.Strategy):
     description = "Weighted average of the models' parameters: Σ wᵢθᵢ / Σ wᵢ."
     paper = "https://arxiv.org/abs/2203.05482"
     base = "unused"
+    elementwise = True
     parameters = (
         fusion.Param("weight", float, 1.0, per_model=True, help="wᵢ, the model's weight"),
         fusion.Param("normalize", bool, True, help="divide by Σ wᵢ"),
@@ -17,7 +18,9 @@ class Linear(fusion.Strategy):
 
     def merge(self, base, tensors, params):
         weights = params["weight"]
-        total = sum(w * t for w, t in zip(weights, tensors))
+        total = tensors[0].mul_(weights[0])  # the inputs are the host's copies: work in place
+        for w, t in zip(weights[1:], tensors[1:]):
+            total.add_(t, alpha=w)
         if not params["normalize"]:
             return total
         denominator = sum(weights)
@@ -26,7 +29,7 @@ class Linear(fusion.Strategy):
                 f"the linear weights {weights} sum to 0, so their average is undefined; "
                 f"change the weights or set normalize: false"
             )
-        return total / denominator
+        return total.div_(denominator)
 
 
 @fusion.hookimpl

@@ -10,6 +10,7 @@ class TaskArithmetic(fusion.Strategy):
     description = "Base plus the weighted sum of task vectors: θ₀ + λ·Σ wᵢ(θᵢ − θ₀)."
     paper = "https://arxiv.org/abs/2212.04089"
     base = "required"
+    elementwise = True
     parameters = (
         fusion.Param("weight", float, 1.0, per_model=True, help="wᵢ, the task vector's weight"),
         fusion.Param("lambda", float, 1.0, help="λ, scales the summed task vectors"),
@@ -18,10 +19,12 @@ class TaskArithmetic(fusion.Strategy):
 
     def merge(self, base, tensors, params):
         weights = params["weight"]
-        delta = sum(w * (t - base) for w, t in zip(weights, tensors))
+        delta = tensors[0].sub_(base).mul_(weights[0])  # the inputs are the host's copies
+        for w, t in zip(weights[1:], tensors[1:]):
+            delta.add_(t.sub_(base), alpha=w)
         if params["normalize"] and abs(sum(weights)) >= 1e-8:
-            delta = delta / sum(weights)
-        return base + params["lambda"] * delta
+            delta.div_(sum(weights))
+        return base.add_(delta, alpha=params["lambda"])
 
 
 @fusion.hookimpl
