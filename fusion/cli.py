@@ -180,8 +180,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
-        sys.exit(exc.exit_code)
-    except click.Abort:
+        sys.exit(1)  # bad input, like every other input error
+    except click.Abort as exc:
+        # without standalone mode click turns Ctrl-C into Abort
+        if isinstance(exc.__context__, KeyboardInterrupt):
+            click.echo("interrupted; no output was written", err=True)
+            sys.exit(130)
         click.echo("aborted", err=True)
         sys.exit(1)
     except FusionError as exc:

@@ -11,6 +11,7 @@ Parameter values take three forms, at any level where a parameter can be set:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -80,10 +81,24 @@ def _line_map(node: Any, prefix: str, out: dict[str, int]) -> None:
             _line_map(item, path, out)
 
 
+def _loader_class():
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """YAML 1.2 floats: PyYAML (YAML 1.1) reads `5e-1` as a string, mergekit's configs don't."""
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"),
+    )
+    return Loader
+
+
 def parse_yaml(text: str, source: str) -> tuple[Any, dict[str, int]]:
     import yaml
 
-    loader = yaml.SafeLoader(text)
+    loader = _loader_class()(text)
     try:
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else None

@@ -109,7 +109,7 @@ def execute(plan: Plan, folder: Path, *, shard_size: int, kernel: str = "auto",
     summary = Summary(output=folder, kernel=kernel_name, notices=list(plan.notices))
     writer = ShardedWriter(folder, [(t.name, t.dtype, t.shape) for t in plan.tensors], shard_size)
     total = sum(t.nbytes for t in plan.tensors)
-    bar = tqdm(total=total, unit="B", unit_scale=True, disable=not progress, desc="merging",
+    bar = tqdm(total=total, unit="B", unit_scale=True, disable=True if not progress else None, desc="merging",
                file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
     start = time.perf_counter()
     try:

@@ -49,8 +49,8 @@ class _Host:
         self._architectures: list[ArchitectureSpec] | None = None
 
     def add(self, module: Any, info: PluginInfo) -> None:
-        if info.name in self.infos:
-            return
+        if info.name in self.infos:  # e.g. a local file named like a built-in: keep both
+            info.name = f"{info.distribution or info.origin}:{info.name}"
         try:
             self.pm.register(module, name=info.name)
         except Exception as exc:  # a malformed hookimpl: report it, keep the rest
@@ -64,7 +64,9 @@ class _Host:
 
     def fail(self, info: PluginInfo, exc: BaseException) -> None:
         info.error = f"{type(exc).__name__}: {exc}"
-        self.infos.setdefault(info.name, info)
+        if info.name in self.infos:
+            info.name = f"{info.distribution or info.origin}:{info.name}"
+        self.infos[info.name] = info
 
     def _collect(self, hook: str, kind: type, attr: str) -> list[tuple[str, Any]]:
         found: list[tuple[str, Any]] = []
@@ -163,9 +165,13 @@ def _build() -> _Host:
         info = PluginInfo(name=Path(spec).stem if spec.endswith(".py") else spec, origin="local",
                           distribution=None, version=None)
         try:
-            host.add(_import_local(spec), info)
-        except Exception as exc:
-            host.fail(info, exc)
+            module = _import_local(spec)
+        except FusionError:
+            raise
+        except Exception as exc:  # asked for by name: a failure is the user's to fix, not to skip
+            raise FusionError(f"--plugin {spec} failed to load ({type(exc).__name__}: {exc}); "
+                              f"fix the plugin or leave out --plugin") from None
+        host.add(module, info)
     return host
 
 

@@ -447,11 +447,6 @@ def test_bad_shard_size(family, tmp_path, outs, run):
     assert_nothing_left(outs)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a --plugin file that does not exist (or fails to import) is only recorded as a plugin "
-    "load error (fusion/plugins.py _build → host.fail); `fusion merge` then says 'unknown merge "
-    "method' without naming the --plugin file, and the intended message '--plugin X: no such file' "
-    "is only visible in `fusion plugins`"))
 def test_missing_plugin_file_is_named(family, tmp_path, outs, run):
     root, _ = family
     cfg = write_config(tmp_path, f"""\
@@ -536,10 +531,6 @@ def test_in_range_parameters_merge(family, tmp_path, outs, run, ranged_plugin):
     assert (outs / "merged" / "model.safetensors").is_file()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: YAML 1.1 (PyYAML) reads `1e-3` (no dot) as the string '1e-3'; mergekit's pydantic config "
-    "coerces it to a float, fusion rejects it ('must be a number, not '1e-3''), so such mergekit "
-    "recipes do not run unchanged (fusion/strategy.py Param.check)"))
 def test_scientific_notation_without_dot_is_a_number(family, tmp_path, outs, run):
     root, _ = family
     cfg = ta_config(tmp_path, root / "base", root / "chat", root / "code", "parameters: {lambda: 5e-1}\n")
@@ -612,10 +603,6 @@ def test_interrupted_run_leaves_nothing(family, tmp_path, outs, run, kind, code,
     assert_nothing_left(outs)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: click's Command.main(standalone_mode=False) turns KeyboardInterrupt into click.Abort, so "
-    "fusion.cli.main's `except KeyboardInterrupt` (exit 130, 'interrupted; no output was written') "
-    "never runs: Ctrl-C prints a blank line and 'aborted' and exits 1, the bad-input code"))
 def test_ctrl_c_exits_130_with_a_clear_message(family, tmp_path, outs):
     root, _ = family
     plugin = tmp_path / "fails_keyboard.py"

@@ -361,10 +361,6 @@ def test_local_single_file_plugin(family, tmp_path):
         assert torch.equal(got, b - 0.25 * delta), name
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: plugins are keyed by name only and _Host.add() returns silently when the name is taken "
-    "(fusion/plugins.py); a local plugin file named like a built-in (linear.py, ties.py, ...) or like "
-    "another plugin is imported but never registered, and `fusion plugins` does not mention it"))
 def test_local_plugin_named_like_a_builtin_is_not_dropped(family, tmp_path):
     root, _ = family
     folder = tmp_path / "my_plugins"
