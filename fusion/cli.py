@@ -71,6 +71,10 @@ def merge(config, output, dry_run, force, kernel, threads, shard_size, no_card, 
     from .writer import parse_size
 
     size = parse_size(shard_size)
+    if quiet:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
     plan = _plan(config, offline, cache_dir)
     try:
         if dry_run:

@@ -37,7 +37,10 @@ def resolve(reference: str, options: ResolveOptions, where: str) -> Path:
     """Resolve ``reference`` with the registered resolvers or raise one clear sentence."""
     from .plugins import get_plugin_manager
 
-    result = get_plugin_manager().hook.resolve_model(reference=reference, options=options)
+    try:
+        result = get_plugin_manager().hook.resolve_model(reference=reference, options=options)
+    except FusionError as exc:  # say which config entry named the model
+        raise FusionError(f"{where}: {exc}") from None
     if result is None:
         local = (options.base_dir / Path(reference).expanduser())
         if not looks_like_hub_name(reference):

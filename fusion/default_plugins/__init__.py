@@ -2,7 +2,11 @@
 
 BUILTINS = (
     "fusion.default_plugins.local_resolver",
+    "fusion.default_plugins.hub_resolver",
     "fusion.default_plugins.architectures",
     "fusion.default_plugins.linear",
     "fusion.default_plugins.task_arithmetic",
+    "fusion.default_plugins.ties",
+    "fusion.default_plugins.sce",
+    "fusion.default_plugins.varm",
 )
