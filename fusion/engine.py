@@ -103,6 +103,7 @@ def _merge_one(tp: TensorPlan, fn: Callable, elementwise: bool, layout_read) -> 
 def execute(plan: Plan, folder: Path, *, shard_size: int, kernel: str = "auto",
             progress: bool = True) -> Summary:
     """Write the plan's tensors into ``folder`` (an empty, temporary folder)."""
+    import torch  # noqa: F401  (imported here so its start-up is not timed as merging)
     from tqdm import tqdm
 
     kernel_name, fn = select_kernel(plan, kernel)
