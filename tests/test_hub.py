@@ -77,21 +77,10 @@ def qwen2_config(layers: int = 1) -> dict:
 
 
 def qwen2_tensors(seed: int, layers: int = 1) -> dict[str, "torch.Tensor"]:
+    from fusion.demo import qwen2_tensor_shapes
+
     g = torch.Generator().manual_seed(seed)
-    h, i, v, kv = 8, 16, 32, 4  # kv: 1 key/value head of size 4
-    shapes = {"model.embed_tokens.weight": (v, h)}
-    for n in range(layers):
-        p = f"model.layers.{n}."
-        shapes.update({
-            p + "self_attn.q_proj.weight": (h, h), p + "self_attn.q_proj.bias": (h,),
-            p + "self_attn.k_proj.weight": (kv, h), p + "self_attn.k_proj.bias": (kv,),
-            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.v_proj.bias": (kv,),
-            p + "self_attn.o_proj.weight": (h, h),
-            p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
-            p + "mlp.down_proj.weight": (h, i),
-            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-        })
-    shapes.update({"model.norm.weight": (h,), "lm_head.weight": (v, h)})
+    shapes = qwen2_tensor_shapes(qwen2_config(layers))
     return {name: torch.randn(shape, generator=g) for name, shape in shapes.items()}
 
 
@@ -573,12 +562,14 @@ def test_interrupted_download_resumes_on_the_next_run(hub, cache, tiny):
         f"Downloading Hub model 'org/tiny' from {hub.url} stopped before it finished (HTTP 500); "
         f"run the same command again to resume, the files already downloaded are kept in {cache}."
     )
+    # downloads run in parallel: files still in flight when the shard failed may be missing
     done = hub.fetched_paths("GET") - {"model.safetensors"}
-    assert done == set(SUPPORT)
+    assert done <= set(SUPPORT)
 
     hub.clear_requests()
     folder, _ = fetch("org/tiny")
-    assert hub.fetched_paths("GET") == {"model.safetensors"}  # only what was missing
+    missing = {"model.safetensors"} | (set(SUPPORT) - done)
+    assert hub.fetched_paths("GET") == missing  # only what was missing
     assert_same_tensors(load_file(str(folder / "model.safetensors")), tensors)
 
 
