@@ -65,8 +65,8 @@ class ArchitectureSpec:
     #: config key holding the language model's config in multimodal configs (e.g. text_config)
     text_config: str | None = None
     num_layers_key: str = "num_hidden_layers"
-    tie_word_embeddings_default: bool = False
-    #: canonical names of the output head and the embedding it is tied to
+    #: canonical names of the output head and the embedding that stands in for it when a
+    #: checkpoint has no head of its own (tied embeddings)
     tied_pair: tuple[str, str] = ("lm_head.weight", "embed_tokens.weight")
     source: str = ""
     _compiled: list = field(default_factory=list, repr=False)
@@ -89,7 +89,7 @@ class ArchitectureSpec:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "") -> "ArchitectureSpec":
         known = {"name", "description", "architectures", "model_types", "tensors", "text_config",
-                 "num_layers_key", "tie_word_embeddings_default", "tied_pair"}
+                 "num_layers_key", "tied_pair"}
         unknown = set(data) - known
         where = f" in {source}" if source else ""
         if unknown or "name" not in data or "tensors" not in data:
@@ -112,7 +112,6 @@ class ArchitectureSpec:
             rules=tuple(rules),
             text_config=data.get("text_config"),
             num_layers_key=data.get("num_layers_key", "num_hidden_layers"),
-            tie_word_embeddings_default=bool(data.get("tie_word_embeddings_default", False)),
             tied_pair=tuple(data.get("tied_pair", ("lm_head.weight", "embed_tokens.weight"))),
             source=source,
         )
@@ -141,9 +140,6 @@ class ArchitectureSpec:
     def num_layers(self, config: Mapping[str, Any]) -> int | None:
         value = self.setting(config, self.num_layers_key)
         return int(value) if isinstance(value, int) else None
-
-    def tie_word_embeddings(self, config: Mapping[str, Any]) -> bool:
-        return bool(self.setting(config, "tie_word_embeddings", self.tie_word_embeddings_default))
 
     # -- names -------------------------------------------------------------------------------
     def classify(self, name: str) -> TensorRole | None:

@@ -9,13 +9,13 @@ the process once merged, which keeps resident memory flat however large the mode
 from __future__ import annotations
 
 import json
+import math
 import mmap
-import os
 import struct
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .errors import CheckpointError
 
@@ -31,6 +31,11 @@ TORCH_TO_CODE = {name: code for code, (name, _) in DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024
 
 
+def nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    """Bytes of a tensor of safetensors dtype code ``dtype`` and ``shape``."""
+    return math.prod(shape) * DTYPES[dtype][1]
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
@@ -42,14 +47,11 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
-        return self.numel * DTYPES[self.dtype][1]
+        return nbytes(self.dtype, self.shape)
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
@@ -128,13 +130,6 @@ class Checkpoint:
     format: str  # "safetensors" | "bin"
     _maps: dict[Path, mmap.mmap] = field(default_factory=dict, repr=False)
     _bin: dict[str, Any] = field(default_factory=dict, repr=False)
-
-    def __iter__(self) -> Iterator[TensorInfo]:
-        return iter(self.tensors.values())
-
-    @property
-    def weight_files(self) -> list[Path]:
-        return sorted({t.file for t in self.tensors.values()})
 
     def read(self, name: str):
         """The tensor as stored (dtype and shape), a read-only view where possible."""
@@ -230,7 +225,7 @@ def _from_index(index: Path, label: str) -> dict[str, TensorInfo]:
             raise CheckpointError(f"{label}: tensor {name!r} is listed in {index.name} but not in {filename}; "
                                   f"the checkpoint is inconsistent: download or save it again")
         tensors[name] = headers[filename][name]
-    for filename, header in headers.items():
+    for header in headers.values():
         for name, info in header.items():
             tensors.setdefault(name, info)  # tolerate tensors a stale index forgot
     return tensors

@@ -56,7 +56,7 @@ _cache_dir = click.option("--cache-dir", type=click.Path(file_okay=False), defau
 @cli.command()
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output model folder.")
-@click.option("--dry-run", is_flag=True, help="Print the plan and stop; nothing is read or written.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and stop; no weights are merged and nothing is written.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--kernel", type=click.Choice(["auto", "c", "torch"]), default="auto", show_default=True,
               help="Merge kernels: compiled C, the torch reference, or the best available.")
@@ -130,9 +130,8 @@ def plugins(as_json):
         click.echo(f"{info.name}  ({dist}, {info.origin})")
         if info.error:
             click.echo(f"  ERROR: {info.error}")
-        for hook in info.hooks:
-            if hook == "resolve_model":
-                click.echo("  resolves model references")
+        if "resolve_model" in info.hooks:
+            click.echo("  resolves model references")
         for name in info.strategies:
             s = strategies.get(name)
             if s is None:

@@ -8,6 +8,7 @@ a memory map whose pages are released once the tensor is written.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 import time
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .checkpoint import DTYPES
+from .checkpoint import DTYPES, Checkpoint
 from .errors import FusionError, MergeError
 from .plan import Plan, TensorPlan
 from .writer import ShardedWriter, atomic_folder
@@ -66,18 +67,22 @@ def select_kernel(plan: Plan, kernel: str) -> tuple[str, Callable]:
 CHUNK_ELEMENTS = 1 << 21
 
 
-def _merge_one(tp: TensorPlan, fn: Callable, elementwise: bool, layout_read) -> Any:
+def _row_chunks(shape: tuple[int, ...], rows: int, elementwise: bool) -> list:
+    """Index expressions that split the merged rows into chunks (one chunk unless elementwise)."""
+    if not shape:
+        return [...]  # a scalar
+    step = max(1, CHUNK_ELEMENTS // max(1, math.prod(shape[1:]))) if elementwise else max(rows, 1)
+    return [slice(a, min(a + step, rows)) for a in range(0, rows, step)] or [slice(0, 0)]
+
+
+def _merge_one(tp: TensorPlan, fn: Callable, elementwise: bool, layout: Checkpoint) -> Any:
     import torch
 
-    rows = tp.rows if tp.rows is not None else (tp.shape[0] if tp.shape else None)
-    views = [pair[0].checkpoint.read(pair[1].name) for pair in ([tp.base] if tp.base else []) + tp.inputs]
-    out_dtype = getattr(torch, DTYPES[tp.dtype][0])
-    full = torch.empty(tp.shape, dtype=out_dtype)
+    rows = tp.rows if tp.rows is not None else (tp.shape[0] if tp.shape else 0)
+    views = [model.checkpoint.read(info.name) for model, info in tp.merge_sources]
+    full = torch.empty(tp.shape, dtype=getattr(torch, DTYPES[tp.dtype][0]))
     out = full[:rows] if tp.rows is not None else full  # merged rows; the rest are carried below
-    row_elems = max(1, out[0].numel()) if out.dim() else 1
-    step = max(1, CHUNK_ELEMENTS // row_elems) if elementwise and out.dim() else max(rows or 1, 1)
-    for a in range(0, max(rows or 1, 1), step):
-        sl = slice(a, min(a + step, rows)) if out.dim() else ...
+    for sl in _row_chunks(tp.shape, rows, elementwise):
         # fresh float32 copies: inputs are read-only maps and strategies may work in place
         chunk = [v[sl].to(torch.float32, copy=True) for v in views]
         base, inputs = (chunk[0], chunk[1:]) if tp.base else (None, chunk)
@@ -96,7 +101,7 @@ def _merge_one(tp: TensorPlan, fn: Callable, elementwise: bool, layout_read) -> 
         raise MergeError(f"merged tensor {tp.name} has {bad} non-finite values (inf/NaN) in {tp.dtype}; "
                          f"check the weights and lambda, or the input models")
     if tp.rows is not None and tp.rows < tp.shape[0]:
-        full[tp.rows:] = layout_read()[tp.rows:]
+        full[tp.rows:] = layout.read(tp.name)[tp.rows:]
     return full
 
 
@@ -115,17 +120,16 @@ def execute(plan: Plan, folder: Path, *, shard_size: int, kernel: str = "auto",
     start = time.perf_counter()
     try:
         for i, tp in enumerate(plan.tensors):
-            layout = plan.layout.checkpoint
             if tp.action == "carry":
                 model, info = tp.carry_from
                 out = model.checkpoint.read(info.name)
                 summary.carried += 1
             else:
-                out = _merge_one(tp, fn, plan.strategy.elementwise, lambda: layout.read(tp.name))
+                out = _merge_one(tp, fn, plan.strategy.elementwise, plan.layout.checkpoint)
                 summary.merged += 1
             writer.write(tp.name, out)
             del out
-            for model, info in ([tp.base] if tp.base else []) + tp.inputs + ([tp.carry_from] if tp.carry_from else []):
+            for model, info in tp.merge_sources + ([tp.carry_from] if tp.carry_from else []):
                 model.checkpoint.release(info.name)
             bar.update(tp.nbytes)
             bar.set_postfix_str(f"{i + 1}/{len(plan.tensors)} tensors", refresh=False)
@@ -143,9 +147,9 @@ def write_side_files(plan: Plan, folder: Path) -> None:
     config = dict(plan.layout.checkpoint.config)
     if plan.config.out_dtype:
         name = DTYPES[plan.config.out_dtype][0]
-        for key in ("torch_dtype", "dtype"):
-            if key in config or key == "torch_dtype" and "dtype" not in config:
-                config[key] = name
+        # transformers 5 writes "dtype", older versions "torch_dtype": update what is there
+        for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]:
+            config[key] = name
     (folder / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     for name in SIDE_FILES:
         if (source / name).is_file():

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .architecture import ArchitectureSpec, ExactNames, TensorRole
-from .checkpoint import FLOATING, Checkpoint, TensorInfo, open_checkpoint
+from .checkpoint import FLOATING, Checkpoint, TensorInfo, nbytes, open_checkpoint
 from .config import MergeConfig, ModelEntry, check_parameters, resolve_parameters
 from .errors import MergeError
 from .plugins import architectures, get_strategy
@@ -31,7 +31,6 @@ class Model:
     label: str
     checkpoint: Checkpoint
     spec: ArchitectureSpec
-    recognised: bool
     roles: dict[str, TensorRole] = field(default_factory=dict)
     by_canonical: dict[str, str] = field(default_factory=dict)
 
@@ -64,12 +63,12 @@ class TensorPlan:
 
     @property
     def nbytes(self) -> int:
-        from .checkpoint import DTYPES
+        return nbytes(self.dtype, self.shape)
 
-        n = DTYPES[self.dtype][1]
-        for d in self.shape:
-            n *= d
-        return n
+    @property
+    def merge_sources(self) -> list[tuple[Model, TensorInfo]]:
+        """What the strategy reads: the base (when it takes one), then the models."""
+        return ([self.base] if self.base else []) + self.inputs
 
 
 @dataclass
@@ -115,7 +114,7 @@ def _open(reference: str, where: str, options: ResolveOptions, cache: dict[Path,
     label = f"{where} ({reference})"
     ckpt = open_checkpoint(folder, label)
     spec = detect(ckpt.config)
-    model = Model(reference, label, ckpt, spec or ExactNames(), spec is not None)
+    model = Model(reference, label, ckpt, spec or ExactNames())
     if spec is None:
         arch = ckpt.config.get("architectures") or ckpt.config.get("model_type") or "unknown"
         notices.append(f"{label}: architecture {arch} is not registered, so its tensors are matched "

@@ -57,7 +57,7 @@ class _Host:
             info.error = f"{type(exc).__name__}: {exc}"
         else:
             info.hooks = sorted(
-                c.name for c in (self.pm.get_hookcallers(module) or ()) if c.name in _HOOK_NAMES
+                c.name for c in (self.pm.get_hookcallers(module) or ()) if c.spec is not None
             )
         self.infos[info.name] = info
         self._strategies = self._architectures = None
@@ -67,6 +67,10 @@ class _Host:
         if info.name in self.infos:
             info.name = f"{info.distribution or info.origin}:{info.name}"
         self.infos[info.name] = info
+
+    def collect(self) -> None:
+        """Call the registration hooks, which fills in what each plugin registered."""
+        self.strategies, self.architectures  # noqa: B018  (the properties collect once)
 
     def _collect(self, hook: str, kind: type, attr: str) -> list[tuple[str, Any]]:
         found: list[tuple[str, Any]] = []
@@ -110,7 +114,6 @@ class _Host:
         return self._architectures
 
 
-_HOOK_NAMES = {"register_strategies", "register_architectures", "resolve_model"}
 _host: _Host | None = None
 _local_plugins: list[str] = []
 
@@ -200,7 +203,7 @@ def get_plugin_manager() -> pluggy.PluginManager:
 
 def plugin_infos() -> list[PluginInfo]:
     h = host()
-    h.strategies, h.architectures  # collecting fills in what each plugin registered
+    h.collect()
     return list(h.infos.values())
 
 

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from .checkpoint import DTYPES
+from .checkpoint import DTYPES, nbytes
 from .errors import FusionError
 
 
@@ -26,12 +26,8 @@ def parse_size(text: str | int) -> int:
     s = str(text).strip().upper().replace(" ", "")
     units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
              "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
-    for unit, factor in units.items():
-        if s.endswith(unit):
-            number = s[: -len(unit)]
-            break
-    else:
-        number, factor = s, 1
+    unit = next((u for u in units if s.endswith(u)), None)
+    number, factor = (s[: -len(unit)], units[unit]) if unit else (s, 1)
     try:
         value = int(float(number) * factor)
     except ValueError:
@@ -73,9 +69,7 @@ class ShardedWriter:
         shards: list[list[tuple[str, str, tuple[int, ...], int]]] = [[]]
         used = 0
         for name, dtype, shape in entries:
-            n = DTYPES[dtype][1]
-            for d in shape:
-                n *= d
+            n = nbytes(dtype, shape)
             if shards[-1] and used + n > shard_size:
                 shards.append([])
                 used = 0
