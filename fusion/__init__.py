@@ -2,10 +2,12 @@
 
 The public plugin API lives here: ``@fusion.hookimpl``, :class:`Strategy` and :class:`Param`
 for merge strategies, :class:`ArchitectureSpec` for architectures, :class:`ResolveOptions` for
-resolvers. Importing fusion does not import torch.
+resolvers, with :func:`write_header_folder` for planning models that are not downloaded.
+Importing fusion does not import torch.
 """
 
 from .architecture import ArchitectureSpec, Rule, TensorRole, load_architecture_file
+from .checkpoint import write_header_folder
 from .errors import CheckpointError, ConfigError, FusionError, MergeError
 from .hookspecs import hookimpl
 from .resolve import ResolveOptions
@@ -16,5 +18,6 @@ __version__ = "0.1.0"
 __all__ = [
     "ArchitectureSpec", "CheckpointError", "ConfigError", "FusionError", "MergeError", "Param",
     "ResolveOptions", "Rule", "Strategy", "TensorRole", "hookimpl", "load_architecture_file",
+    "write_header_folder",
     "__version__",
 ]

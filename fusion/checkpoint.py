@@ -12,10 +12,12 @@ import json
 import math
 import mmap
 import struct
+import os
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from .errors import CheckpointError
 
@@ -29,6 +31,8 @@ DTYPES = {
 FLOATING = frozenset({"F64", "F32", "F16", "BF16"})
 TORCH_TO_CODE = {name: code for code, (name, _) in DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024
+#: Marks a header-only model folder (see :func:`write_header_folder`).
+HEADERS_FILE = "fusion-headers.json"
 
 
 def nbytes(dtype: str, shape: tuple[int, ...]) -> int:
@@ -56,33 +60,36 @@ class TensorInfo:
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     """Parse and validate one safetensors file's header; raise CheckpointError if it is damaged."""
-
-    def corrupt(reason: str) -> CheckpointError:
-        return CheckpointError(
-            f"{path} is not a valid safetensors file ({reason}); it is corrupt or truncated: "
-            f"download or save it again"
-        )
-
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise corrupt(f"{size} bytes, too short for a header")
+                raise _corrupt(path, f"{size} bytes, too short for a header")
             (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER or 8 + n > size:
-                raise corrupt(f"header length {n} does not fit in {size} bytes")
+                raise _corrupt(path, f"header length {n} does not fit in {size} bytes")
             raw = f.read(n)
     except OSError as exc:
         raise CheckpointError(f"cannot read {path}: {exc.strerror}") from None
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise corrupt("the header is not JSON") from None
+        raise _corrupt(path, "the header is not JSON") from None
+    return parse_header(header, path, data_start=8 + n, data_size=size - 8 - n)
+
+
+def _corrupt(path: Path, reason: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path} is not a valid safetensors file ({reason}); it is corrupt or truncated: "
+        f"download or save it again"
+    )
+
+
+def parse_header(header: Any, path: Path, *, data_start: int, data_size: int) -> dict[str, TensorInfo]:
+    """Tensor entries of a decoded safetensors header, checked against the file's data size."""
     if not isinstance(header, dict):
-        raise corrupt("the header is not a JSON object")
-    data_start = 8 + n
-    data_size = size - data_start
+        raise _corrupt(path, "the header is not a JSON object")
     out: dict[str, TensorInfo] = {}
     covered = 0
     for name, entry in header.items():
@@ -91,17 +98,17 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         try:
             dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
         except (KeyError, TypeError, ValueError):
-            raise corrupt(f"bad entry for tensor {name!r}") from None
+            raise _corrupt(path, f"bad entry for tensor {name!r}") from None
         if dtype not in DTYPES:
-            raise corrupt(f"tensor {name!r} has unsupported dtype {dtype!r}")
+            raise _corrupt(path, f"tensor {name!r} has unsupported dtype {dtype!r}")
         info = TensorInfo(name, dtype, shape, path, data_start + begin, data_start + end)
         if not (0 <= begin <= end <= data_size) or end - begin != info.nbytes:
-            raise corrupt(f"tensor {name!r} has offsets {begin}..{end} that do not match its shape "
-                          f"{list(shape)} or the file's {data_size} data bytes")
+            raise _corrupt(path, f"tensor {name!r} has offsets {begin}..{end} that do not match its shape "
+                                 f"{list(shape)} or the file's {data_size} data bytes")
         covered = max(covered, end)
         out[name] = info
     if covered != data_size:
-        raise corrupt(f"the header describes {covered} data bytes but the file has {data_size}")
+        raise _corrupt(path, f"the header describes {covered} data bytes but the file has {data_size}")
     return out
 
 
@@ -127,7 +134,8 @@ class Checkpoint:
     label: str  # how errors and the plan name this model, e.g. "models[1] (./ft)"
     config: dict[str, Any]
     tensors: dict[str, TensorInfo]
-    format: str  # "safetensors" | "bin"
+    format: str  # "safetensors" | "bin" | "headers" (names and shapes only; nothing to read)
+    download_bytes: int = 0  # what a merge would still download (header-only folders)
     _maps: dict[Path, mmap.mmap] = field(default_factory=dict, repr=False)
     _bin: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -138,6 +146,9 @@ class Checkpoint:
         info = self.tensors[name]
         if self.format == "bin":
             return self._bin[name]
+        if self.format == "headers":
+            raise CheckpointError(f"{self.label}: only the headers of its weights were fetched (for a plan "
+                                  f"or dry run), so tensor {name!r} cannot be read; run the merge itself")
         dtype = getattr(torch, DTYPES[info.dtype][0])
         if info.numel == 0:
             return torch.empty(info.shape, dtype=dtype)
@@ -181,6 +192,8 @@ def open_checkpoint(folder: Path, label: str) -> Checkpoint:
     if not folder.is_dir():
         raise CheckpointError(f"{label}: {folder} is a file, not a model folder; give the folder that holds config.json")
     config = _load_config(folder, label)
+    if (folder / HEADERS_FILE).is_file():
+        return _open_headers(folder, label, config)
     st_index = folder / "model.safetensors.index.json"
     if st_index.is_file():
         tensors = _from_index(st_index, label)
@@ -257,3 +270,52 @@ def _open_bin(folder: Path, label: str, config: dict, index: Path | None, bins: 
     ckpt = Checkpoint(folder, label, config, tensors, "bin")
     ckpt._bin = state
     return ckpt
+
+
+def write_header_folder(folder: Path, config: Mapping[str, Any], files: Mapping[str, tuple[int, dict]], *,
+                        source: str, download_bytes: int) -> Path:
+    """Write a header-only model folder: ``config.json`` plus the safetensors headers of the
+    weight files (``files`` maps a file name to its size in bytes and its decoded header).
+
+    A resolver asked for names and shapes only (``ResolveOptions.weights`` false: ``fusion plan``,
+    ``merge --dry-run``) may return such a folder instead of downloading the weights; fusion then
+    plans from it and reports ``download_bytes`` as what the merge itself would fetch. The folder
+    is written next to its final place and renamed, so a reader never sees half of it.
+    """
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir(parents=True)
+    (tmp / "config.json").write_text(json.dumps(dict(config), indent=2) + "\n")
+    manifest = {"source": source, "download_bytes": download_bytes,
+                "files": {name: {"size": size, "header": header} for name, (size, header) in files.items()}}
+    (tmp / HEADERS_FILE).write_text(json.dumps(manifest) + "\n")
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process wrote the same folder first: the content is the same
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _open_headers(folder: Path, label: str, config: dict) -> Checkpoint:
+    path = folder / HEADERS_FILE
+    try:
+        manifest = json.loads(path.read_text())
+        files = manifest["files"]
+        download = int(manifest.get("download_bytes", 0))
+        if not isinstance(files, dict) or not files:
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{label}: {path} is damaged; delete {folder} and run again") from None
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in files.items():
+        try:
+            size, header = int(entry["size"]), entry["header"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{label}: {path} is damaged; delete {folder} and run again") from None
+        # The remote file is 8 length bytes, the header, then exactly the data the header describes.
+        data_size = max((e["data_offsets"][1] for k, e in header.items() if k != "__metadata__"
+                         and isinstance(e, dict) and isinstance(e.get("data_offsets"), list)), default=0)
+        tensors.update(parse_header(header, folder / name, data_start=size - data_size, data_size=data_size))
+    return Checkpoint(folder, label, config, tensors, "headers", download_bytes=download)

@@ -37,13 +37,14 @@ def cli(debug: bool, plugins: tuple[str, ...]) -> None:
         pm.add_local_plugin(spec)
 
 
-def _plan(config_path: str, offline: bool, cache_dir: str | None):
+def _plan(config_path: str, offline: bool, cache_dir: str | None, weights: bool = True):
     from .config import load_config
     from .plan import build_plan
     from .resolve import ResolveOptions
 
     config = load_config(config_path)
-    options = ResolveOptions(base_dir=config.base_dir, offline=offline, cache_dir=cache_dir)
+    # weights=False: Hub models not in the cache are planned from their remote headers
+    options = ResolveOptions(base_dir=config.base_dir, offline=offline, cache_dir=cache_dir, weights=weights)
     return build_plan(config, options)
 
 
@@ -75,7 +76,7 @@ def merge(config, output, dry_run, force, kernel, threads, shard_size, no_card, 
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
-    plan = _plan(config, offline, cache_dir)
+    plan = _plan(config, offline, cache_dir, weights=not dry_run)
     try:
         if dry_run:
             from .plan import render
@@ -105,7 +106,7 @@ def plan_cmd(config, as_json, offline, cache_dir):
     """Show, tensor by tensor, what merging CONFIG would do."""
     from .plan import describe, render
 
-    plan = _plan(config, offline, cache_dir)
+    plan = _plan(config, offline, cache_dir, weights=False)
     try:
         click.echo(json.dumps(describe(plan), indent=2) if as_json else render(plan))
     finally:

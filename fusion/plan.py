@@ -236,6 +236,7 @@ def describe(plan: Plan) -> dict[str, Any]:
         "models": [m.label for m in plan.models],
         "layout": plan.layout.label,
         "architectures": {m.label: m.spec.name for m in plan.inputs},
+        "download_bytes": {m.label: m.checkpoint.download_bytes for m in plan.inputs},
         "notices": plan.notices,
         "tensors": [{
             "name": t.name, "canonical": t.canonical, "role": t.role, "layer": t.layer,
@@ -270,6 +271,12 @@ def render(plan: Plan) -> str:
     lines.append("")
     lines.append(f"{len(plan.tensors)} tensors: {len(merged)} merged, {len(plan.tensors) - len(merged)} carried; "
                  f"output {total / 1e6:,.1f} MB")
+    remote = [m for m in plan.inputs if m.checkpoint.download_bytes]
+    if remote:
+        fetch = sum(m.checkpoint.download_bytes for m in remote)
+        lines.append(f"to download: {fetch / 1e6:,.1f} MB for {len(remote)} Hub model(s) not in the cache "
+                     f"(planned from their remote headers): "
+                     + ", ".join(f"{m.label} {m.checkpoint.download_bytes / 1e6:,.1f} MB" for m in remote))
     for n in plan.notices:
         lines.append(f"note: {n}")
     return "\n".join(lines)

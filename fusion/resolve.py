@@ -16,12 +16,15 @@ class ResolveOptions:
     ``base_dir`` is the folder relative paths are taken from (the config file's folder).
     ``offline`` forbids network access; ``cache_dir`` overrides the download cache;
     ``resolved`` is filled by resolvers with what they pinned (reference → commit) so the output
-    can record it.
+    can record it. ``weights`` is false when only tensor names, dtypes and shapes are needed
+    (``fusion plan``, ``merge --dry-run``): a resolver may then return a header-only folder
+    (:func:`fusion.write_header_folder`) instead of downloading the weights.
     """
 
     base_dir: Path = field(default_factory=Path.cwd)
     offline: bool = False
     cache_dir: str | None = None
+    weights: bool = True
     resolved: dict = field(default_factory=dict)
 
 

@@ -736,3 +736,106 @@ def test_merge_by_hub_name_equals_merge_of_local_folders(hub, tmp_path, hf_env, 
     assert errors[0].startswith("error: models[0]: Hub model 'org/ft1@no-such-branch': revision 'no-such-branch' "
                                 "does not exist in org/ft1")
     assert not (tmp_path / "out-bad").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# plans and dry runs read the weights' headers remotely
+
+
+def _sharded_repo(hub: FakeHub, tmp_path: Path, repo: str, seed: int) -> tuple[str, dict, int]:
+    """A two-shard Qwen2 model with support files and junk; returns (commit, tensors, bytes a
+    merge downloads: the weights, the index and the support files)."""
+    src = tmp_path / f"src-{seed}"
+    write_model(src, seed=seed)
+    tensors = load_file(str(src / "model.safetensors"))
+    (src / "model.safetensors").unlink()
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[:5], "model-00002-of-00002.safetensors": names[5:]}
+    for shard, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, str(src / shard), metadata={"format": "pt"})
+    index = {"metadata": {"total_size": 0}, "weight_map": {k: s for s, ks in shards.items() for k in ks}}
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    needed = [*shards, "model.safetensors.index.json", *SUPPORT]
+    return hub.commit(repo, src), tensors, sum((src / f).stat().st_size for f in needed)
+
+
+def test_plan_of_hub_models_reads_only_the_headers(hub, tmp_path, hf_env, capsys):
+    from fusion.cli import main as fusion_main
+
+    c_base, base, base_bytes = _sharded_repo(hub, tmp_path, "org/base", seed=31)
+    c_ft, _, ft_bytes = _sharded_repo(hub, tmp_path, "org/ft", seed=32)
+    (tmp_path / "m.yaml").write_text(
+        "merge_method: task_arithmetic\nbase_model: org/base\n"
+        f"models:\n  - model: org/ft@{c_ft}\n    parameters: {{weight: 0.5}}\n")
+
+    def plan(*extra: str) -> str:
+        capsys.readouterr()
+        fusion_main(["plan", str(tmp_path / "m.yaml"), *extra])
+        return capsys.readouterr().out
+
+    text = plan()
+    # Every tensor is planned, and the download a merge would make is announced, to the byte.
+    for name in base:
+        assert f"\n{name} " in text, name
+    total = (base_bytes + ft_bytes) / 1e6
+    assert f"to download: {total:,.1f} MB for 2 Hub model(s)" in text, text
+    # No weight file came down: each safetensors request was a small Range read of the header.
+    weight_gets = [r for r in model_requests(hub) if r.method == "GET" and r.path.endswith(".safetensors")]
+    assert len(weight_gets) == 4
+    assert all(r.status == 206 and r.headers.get("range", "").startswith("bytes=0-") for r in weight_gets)
+    assert hub.fetched_paths("GET") - {"config.json", "model.safetensors.index.json",
+                                       *(r.path.split("/")[-1] for r in weight_gets)} == set()
+    assert not (tmp_path / "hf-home" / "hub" / "models--org--ft" / "snapshots" / c_ft
+                / "model-00001-of-00002.safetensors").exists()
+
+    # Again, and offline: the headers are cached; the branch is asked where it points, nothing else.
+    hub.clear_requests()
+    assert plan() == text
+    assert [r.path for r in model_requests(hub)] == ["/api/models/org/base/revision/main"]
+    hub.clear_requests()
+    assert plan("--offline") == text
+    assert model_requests(hub) == []
+
+    # The JSON plan says the same, per model.
+    data = json.loads(plan("--json", "--offline"))
+    assert sum(data["download_bytes"].values()) == base_bytes + ft_bytes
+
+    # merge --dry-run prints the same plan and writes nothing; the merge itself downloads.
+    capsys.readouterr()
+    fusion_main(["merge", str(tmp_path / "m.yaml"), "-o", str(tmp_path / "out"), "--dry-run"])
+    assert capsys.readouterr().out == text
+    assert not (tmp_path / "out").exists()
+    fusion_main(["merge", str(tmp_path / "m.yaml"), "-o", str(tmp_path / "out"), "--quiet"])
+    merged = {}
+    for shard in (tmp_path / "out").glob("*.safetensors"):
+        merged.update(load_file(str(shard)))
+    assert sorted(merged) == sorted(base)
+    # Once downloaded, plans come from the snapshot and announce no download.
+    assert "to download" not in plan("--offline")
+
+
+def test_plan_of_a_hub_model_with_only_bin_weights_downloads_them(hub, tmp_path, hf_env, capsys):
+    from fusion.cli import main as fusion_main
+
+    src = tmp_path / "src"
+    tensors = write_model(src, seed=41, extras=False)
+    (src / "model.safetensors").unlink()
+    torch.save(tensors, src / "pytorch_model.bin")
+    hub.commit("org/old", src)
+    (tmp_path / "m.yaml").write_text("merge_method: linear\nmodels:\n  - model: org/old\n")
+    fusion_main(["plan", str(tmp_path / "m.yaml")])
+    text = capsys.readouterr().out
+    assert "to download" not in text and "model.embed_tokens.weight" in text
+    assert "pytorch_model.bin" in hub.fetched_paths("GET")
+
+
+def test_plan_of_a_missing_hub_model_is_one_clear_error(hub, tmp_path, hf_env, capsys):
+    from fusion.cli import main as fusion_main
+
+    (tmp_path / "m.yaml").write_text("merge_method: linear\nmodels:\n  - model: org/nothing\n")
+    with pytest.raises(SystemExit) as exited:
+        fusion_main(["plan", str(tmp_path / "m.yaml")])
+    assert exited.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: models[0]: Hub model 'org/nothing' was not found at"), err
+    assert "\n" not in err

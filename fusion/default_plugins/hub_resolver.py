@@ -12,6 +12,12 @@ time and creates its ``HfApi`` per call. ``ResolveOptions.offline`` and ``Resolv
 are applied on top. What was pinned is recorded in ``options.resolved[reference]`` as
 ``{"repo": ..., "revision": ..., "commit": ...}`` so the output can say exactly what was merged.
 
+For a plan or a dry run (``options.weights`` false) nothing heavy is downloaded: the config and
+the weight index come down, and each safetensors file's header is read with a ``Range`` request;
+they are kept as a header-only folder (:func:`fusion.write_header_folder`) in the repository's
+cache folder, under ``fusion-headers/<commit>``, beside huggingface_hub's own ``snapshots``. A model
+whose snapshot is already complete is planned from the snapshot.
+
 Requests made: one model-info call per branch/tag reference (a branch can move, so it is always
 asked where it points now), the file listing of a commit the first time it is seen, then one
 HEAD+GET per file not yet in the cache. A full commit hash whose files are cached, a reference
@@ -39,6 +45,8 @@ _FULL_COMMIT = re.compile(r"[0-9a-f]{40}")
 _DEFAULT_REVISION = "main"
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+# Header-only folders for plans live beside huggingface_hub's snapshots, one per commit.
+HEADERS_FOLDER = "fusion-headers"
 PYTORCH_INDEX = "pytorch_model.bin.index.json"
 
 # Files besides the weights that a merged model folder needs to load and to tokenize/process
@@ -198,10 +206,16 @@ class _Hub:
     def resolve(self) -> Path:
         prior = self.options.resolved.get(self.reference)
         if isinstance(prior, dict) and prior.get("repo") == self.repo_id and prior.get("commit"):
-            folder = self.storage / "snapshots" / prior["commit"]
-            if folder.is_dir():
-                return folder  # resolved earlier in this run: same commit, no request
-        if self.offline:
+            # resolved earlier in this run: the same commit, found locally with no request
+            try:
+                return self.from_cache(prior["commit"])[0]
+            except _NotCached:
+                stub = self.storage / HEADERS_FOLDER / prior["commit"]
+                if not self.options.weights and stub.is_dir():
+                    return stub
+        if not self.options.weights:
+            folder, commit = self.headers()
+        elif self.offline:
             try:
                 folder, commit = self.from_cache(self.revision)
             except _NotCached as exc:
@@ -355,6 +369,85 @@ class _Hub:
                 f"files already downloaded are kept in {self.cache_dir}."
             )
         return folder, commit
+
+    def headers(self) -> tuple[Path, str]:
+        """A folder to plan from: the complete snapshot when cached, else a header-only folder."""
+        if self.offline or _FULL_COMMIT.fullmatch(self.revision):
+            try:
+                return self.from_cache(self.revision)
+            except _NotCached as exc:
+                commit = self.cached_commit(self.revision)
+                # write_header_folder renames a complete folder into place: present means whole
+                stub = self.storage / HEADERS_FOLDER / (commit or "-")
+                if commit and stub.is_dir():
+                    return stub, commit
+                if self.offline:
+                    raise self._offline_error(exc) from None
+        from huggingface_hub import HfApi, hf_hub_download
+
+        api = HfApi()
+        try:
+            info = api.model_info(self.repo_id, revision=self.revision, files_metadata=True)
+        except Exception as exc:
+            error = self._metadata_error(exc)
+            if error is exc:
+                raise
+            raise error from exc
+        commit = info.sha
+        self._write_ref(commit)
+        try:
+            return self.from_cache(commit)
+        except _NotCached:
+            pass
+        stub = self.storage / HEADERS_FOLDER / commit
+        if stub.is_dir():
+            return stub, commit
+        sizes = {s.rfilename: s.size or 0 for s in (info.siblings or [])}
+
+        def read_json(name: str) -> Any:
+            path = hf_hub_download(self.repo_id, name, revision=commit, cache_dir=self.cache_dir)
+            try:
+                with open(path, encoding="utf-8") as fh:
+                    return json.load(fh)
+            except ValueError:
+                raise _error(
+                    f"Hub model {self.reference!r}: {name} at commit {commit[:12]} is not valid "
+                    f"JSON; pick another revision or report it to the model's authors."
+                ) from None
+
+        try:
+            try:
+                weights, support = select_files(sizes, read_json)
+            except _IndexMismatch as exc:
+                raise _error(
+                    f"Hub model {self.reference!r}: {exc.index} at commit {commit[:12]} lists shards "
+                    f"the repository does not have ({', '.join(exc.missing[:3])}); pick another "
+                    f"revision or report it to the model's authors."
+                ) from None
+            if not weights:
+                raise self._no_weights_error(list(sizes), commit)
+            shards = [f for f in weights if f.endswith(".safetensors")]
+            if not shards:
+                return self.download()  # .bin headers are pickles: only the file itself tells the shapes
+            config = read_json("config.json") if "config.json" in sizes else {}
+            headers = {}
+            for name in shards:
+                meta = api.parse_safetensors_file_metadata(self.repo_id, name, revision=commit)
+                headers[name] = (sizes.get(name, 0), {
+                    t: {"dtype": i.dtype, "shape": list(i.shape), "data_offsets": list(i.data_offsets)}
+                    for t, i in meta.tensors.items()
+                })
+        except fusion.FusionError:
+            raise
+        except Exception as exc:
+            error = self._download_error(exc)
+            if error is exc:
+                raise
+            raise error from exc
+        to_fetch = sum(sizes.get(f, 0) for f in weights + support)
+        fusion.write_header_folder(stub, config, headers, source=f"{self.repo_id}@{commit}",
+                                   download_bytes=to_fetch)
+        return stub, commit
 
     # -- errors: one sentence each, naming the reference --------------------------------------
 
