@@ -48,6 +48,14 @@ def _plan(config_path: str, offline: bool, cache_dir: str | None, weights: bool 
     return build_plan(config, options)
 
 
+def _hub_progress(quiet: bool) -> None:
+    """Download bars only where someone watches them, like the merge's own bar."""
+    if quiet or not sys.stderr.isatty():
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+
+
 _offline = click.option("--offline", is_flag=True, default=False,
                         help="Use only local folders and the download cache (no network).")
 _cache_dir = click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
@@ -72,10 +80,7 @@ def merge(config, output, dry_run, force, kernel, threads, shard_size, no_card, 
     from .writer import parse_size
 
     size = parse_size(shard_size)
-    if quiet:
-        from huggingface_hub.utils import disable_progress_bars
-
-        disable_progress_bars()
+    _hub_progress(quiet)
     plan = _plan(config, offline, cache_dir, weights=not dry_run)
     try:
         if dry_run:
@@ -106,6 +111,7 @@ def plan_cmd(config, as_json, offline, cache_dir):
     """Show, tensor by tensor, what merging CONFIG would do."""
     from .plan import describe, render
 
+    _hub_progress(quiet=as_json)
     plan = _plan(config, offline, cache_dir, weights=False)
     try:
         click.echo(json.dumps(describe(plan), indent=2) if as_json else render(plan))
