@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .architecture import ArchitectureSpec, ExactNames, TensorRole, part_of
+from .architecture import PARTS, ArchitectureSpec, ExactNames, TensorRole, part_of
 from .checkpoint import FLOATING, Checkpoint, TensorInfo, nbytes, open_checkpoint
 from .config import MergeConfig, ModelEntry, check_parameters, resolve_parameters
 from .errors import MergeError
@@ -331,7 +331,8 @@ def render(plan: Plan) -> str:
         lines.append("")
         lines += [_tensor_line(t, width) for t in plan.tensors]
     else:
-        for part, summary in parts.items():
+        for part in sorted(parts, key=lambda p: (PARTS + ("other",)).index(p)):
+            summary = parts[part]
             merged = [t for t in plan.tensors if part_of(t.role) == part and t.action == "merge"]
             sources = sorted({m.label for t in merged for m, _ in t.merge_sources})
             what = [f"{summary['merged']} merged" + (f" from {', '.join(sources)}" if sources else ""),

@@ -33,9 +33,29 @@ _REKEY = {
 }
 
 
+# what save_pretrained writes for a parameter transformers 5 names internally
+_SAVED = {
+    "llava": [(r"^model\.language_model\.", "language_model.model."), (r"^lm_head\.", "language_model.lm_head."),
+              (r"^model\.vision_tower\.", "vision_tower."),
+              (r"^model\.multi_modal_projector\.", "multi_modal_projector."), (r"^model\.image_newline$", "image_newline")],
+    "qwen2_vl": [(r"^model\.language_model\.", "model."), (r"^model\.visual\.", "visual.")],
+}
+
+
+def _kind(family: str) -> str:
+    return "llava" if family.startswith("llava") else "qwen2_vl"
+
+
+def hub_name(internal: str, family: str, layout: str) -> str:
+    """The name a parameter of transformers' model has in a checkpoint of ``layout``."""
+    for pattern, replacement in _SAVED[_kind(family)]:
+        if re.search(pattern, internal):
+            return rekey(re.sub(pattern, replacement, internal), family, layout)
+    return rekey(internal, family, layout)
+
+
 def rekey(name: str, family: str, layout: str) -> str:
-    kind = "llava" if family.startswith("llava") else "qwen2_vl"
-    for pattern, replacement in _REKEY.get((kind, layout), ()):
+    for pattern, replacement in _REKEY.get((_kind(family), layout), ()):
         if re.search(pattern, name):
             return re.sub(pattern, replacement, name)
     return name
