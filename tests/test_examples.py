@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import runpy
 from pathlib import Path
 
 import pytest
@@ -24,16 +23,20 @@ def test_viscodex_recipe_is_valid():
 
 def test_tiny_viscodex_runs(tmp_path):
     transformers = pytest.importorskip("transformers")
+    from click.testing import CliRunner
+
+    from fusion.cli import cli
 
     def run(*args):
-        result = subprocess.run([sys.executable, *args], cwd=tmp_path, capture_output=True, text=True)
-        assert result.returncode == 0, result.stderr
-        return result.stdout
+        result = CliRunner().invoke(cli, list(args))
+        assert result.exit_code == 0, result.output
+        return result.output
 
-    run(str(EXAMPLES / "tiny_viscodex.py"), "tiny")
-    plan = run("-m", "fusion", "plan", "tiny/viscodex.yaml")
+    runpy.run_path(str(EXAMPLES / "tiny_viscodex.py"), run_name="tiny").get("main")(str(tmp_path / "tiny"))
+    recipe = str(tmp_path / "tiny" / "viscodex.yaml")
+    plan = run("plan", recipe)
     assert "== vision tower: 25 tensors, 0 merged; 25 carried from models[0] (./Qwen2.5-VL)" in plan
-    summary = run("-m", "fusion", "merge", "tiny/viscodex.yaml", "-o", "tiny/merged")
+    summary = run("merge", recipe, "-o", str(tmp_path / "tiny" / "merged"), "--no-card")
     assert "27 tensors merged, 30 carried" in summary and "rows 128..135 (8) carried" in summary
     model, info = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
         tmp_path / "tiny" / "merged", output_loading_info=True)
