@@ -204,10 +204,9 @@ def build_plan(config: MergeConfig, options: ResolveOptions | None = None) -> Pl
         if info.dtype not in FLOATING:
             tp.note = f"{info.dtype} is not a floating-point dtype: carried from the layout model"
             continue
-        sources, missing = [], []
-        for m in sources_of:
-            found = m.lookup(role.canonical)
-            (missing if found is None else sources).append(m if found is None else (m, found))
+        found = [(m, m.lookup(role.canonical)) for m in sources_of]
+        sources = [(m, info_) for m, info_ in found if info_ is not None]
+        missing = [m for m, info_ in found if info_ is None]
         if missing:
             if config.carry_unmatched:
                 tp.note = f"not in {missing[0].label}: carried from the layout model (carry_unmatched)"
