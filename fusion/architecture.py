@@ -22,6 +22,16 @@ from .errors import FusionError
 #: config asks to merge them; everything else is merged by default.
 ROLES = ("embedding", "layer", "final_norm", "lm_head", "vision_tower", "projector", "other")
 CARRIED_BY_DEFAULT = frozenset({"vision_tower", "projector"})
+#: The parts of a model, as a config's ``merge_parts`` names them; ``other`` (tensors no rule
+#: names) is not a part and follows the spec's default.
+PARTS = ("language_model", "vision_tower", "projector")
+
+
+def part_of(role: str) -> str:
+    """The part a role belongs to: the language model, the vision tower, the projector, or other."""
+    if role in ("vision_tower", "projector", "other"):
+        return role
+    return "language_model"
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from .architecture import PARTS
 from .errors import ConfigError
 from .strategy import Param, Strategy
 
-TOP_LEVEL_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "layout_from")
+TOP_LEVEL_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "layout_from",
+                  "merge_parts", "carry_unmatched")
 UNSUPPORTED = {
     "slices": "slices are not supported; list whole models under `models`",
     "tokenizer_source": "tokenizer_source is not supported; the tokenizer is copied from the layout model "
@@ -51,6 +53,10 @@ class MergeConfig:
     dtype: str | None = None
     out_dtype: str | None = None  # safetensors dtype code (BF16, F16, F32)
     layout_from: str | None = None
+    #: parts merged (language_model, vision_tower, projector); None: the architecture's defaults
+    merge_parts: tuple[str, ...] | None = None
+    #: carry layout-model tensors that another model lacks instead of failing
+    carry_unmatched: bool = False
     source: Path | None = None
     text: str = ""
     lines: dict[str, int] = field(default_factory=dict)
@@ -180,6 +186,20 @@ def parse_config(text: str, source: Path | None = None) -> MergeConfig:
             raise err(key, f"unknown dtype {value!r}; use float32, float16 or bfloat16")
         return DTYPES[value]
 
+    merge_parts = data.get("merge_parts")
+    if merge_parts is not None:
+        if isinstance(merge_parts, str):
+            merge_parts = [merge_parts]
+        if not isinstance(merge_parts, list) or not merge_parts:
+            raise err("merge_parts", f"merge_parts is a list of parts to merge, from: {', '.join(PARTS)}")
+        for i, part in enumerate(merge_parts):
+            if part not in PARTS:
+                raise err(f"merge_parts[{i}]", f"unknown part {part!r}; the parts are {', '.join(PARTS)}")
+        merge_parts = tuple(dict.fromkeys(merge_parts))
+    carry_unmatched = data.get("carry_unmatched", False)
+    if not isinstance(carry_unmatched, bool):
+        raise err("carry_unmatched", f"carry_unmatched is true or false, not {carry_unmatched!r}")
+
     return MergeConfig(
         merge_method=method,
         models=models,
@@ -188,6 +208,8 @@ def parse_config(text: str, source: Path | None = None) -> MergeConfig:
         dtype=dtype("dtype"),
         out_dtype=dtype("out_dtype"),
         layout_from=reference("layout_from", data.get("layout_from")),
+        merge_parts=merge_parts,
+        carry_unmatched=carry_unmatched,
         source=source,
         text=text,
         lines=lines,

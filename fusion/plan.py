@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .architecture import ArchitectureSpec, ExactNames, TensorRole
+from .architecture import PARTS, ArchitectureSpec, ExactNames, TensorRole, part_of
 from .checkpoint import FLOATING, Checkpoint, TensorInfo, nbytes, open_checkpoint
 from .config import MergeConfig, ModelEntry, check_parameters, resolve_parameters
 from .errors import MergeError
@@ -134,6 +134,23 @@ def _position(role: TensorRole, num_layers: int) -> float:
     return 1.0 if role.role in ("final_norm", "lm_head") else 0.0
 
 
+_PART_NAMES = {"language_model": "language model", "vision_tower": "vision tower",
+               "projector": "projector", "other": "other tensors"}
+
+
+def _missing_message(name: str, role: TensorRole, model: Model, layout: Model) -> str:
+    part = part_of(role.role)
+    where = f"tensor {name} of the layout model (canonical {role.canonical}) is missing in {model.label}"
+    if part in ("vision_tower", "projector"):
+        return (f"{where}; a {_PART_NAMES[part]} can be merged only when every model has one: remove "
+                f"{part} from merge_parts")
+    if layout.spec.classify(name) is None:
+        return (f"{where} and the {layout.spec.name} architecture does not know it; set "
+                f"`carry_unmatched: true` to carry it from the layout model")
+    return (f"{where}; the models must share a backbone (`fusion plan` shows the mapping), or set "
+            f"`carry_unmatched: true` to carry such tensors from the layout model")
+
+
 def build_plan(config: MergeConfig, options: ResolveOptions | None = None) -> Plan:
     options = options or ResolveOptions(base_dir=config.base_dir)
     strategy = get_strategy(config.merge_method, "merge_method", config.line("merge_method"))
@@ -163,27 +180,39 @@ def build_plan(config: MergeConfig, options: ResolveOptions | None = None) -> Pl
 
     num_layers = layout.spec.num_layers(layout.checkpoint.config) or 1 + max(
         (r.layer for r in layout.roles.values() if r.layer is not None), default=0)
+    if layout not in models and layout is not base:
+        notices.append(f"{layout.label} is not one of the merged models: the output takes its layout and "
+                       f"unmerged parts, and the merge of the others replaces its merged tensors")
+    layout_parts = {part_of(r.role) for r in layout.roles.values()}
+    for part in config.merge_parts or ():
+        if part not in layout_parts:
+            notices.append(f"merge_parts names {part}, but the layout model has no "
+                           f"{_PART_NAMES[part]}")
+    sources_of = ([strategy_base] if strategy_base else []) + models
     tensors: list[TensorPlan] = []
+    unmatched: list[str] = []
     for name, info in layout.checkpoint.tensors.items():
         role = layout.roles[name]
         tp = TensorPlan(name, role.canonical, role.role, role.layer, info.shape, info.dtype, "carry",
                         carry_from=(layout, info))
         tensors.append(tp)
-        if not role.merge:
-            tp.note = f"{role.role.replace('_', ' ')}: carried from the layout model"
+        part = part_of(role.role)
+        merge = role.merge if config.merge_parts is None or part == "other" else part in config.merge_parts
+        if not merge:
+            tp.note = f"{_PART_NAMES.get(part, part)}: carried from the layout model"
             continue
         if info.dtype not in FLOATING:
             tp.note = f"{info.dtype} is not a floating-point dtype: carried from the layout model"
             continue
-        sources = []
-        for m in ([strategy_base] if strategy_base else []) + models:
-            found = m.lookup(role.canonical)
-            if found is None:
-                raise MergeError(
-                    f"tensor {name} of the layout model (canonical {role.canonical}) is missing in "
-                    f"{m.label}; the models must share an architecture (`fusion plan` shows the mapping)"
-                )
-            sources.append((m, found))
+        found = [(m, m.lookup(role.canonical)) for m in sources_of]
+        sources = [(m, info_) for m, info_ in found if info_ is not None]
+        missing = [m for m, info_ in found if info_ is None]
+        if missing:
+            if config.carry_unmatched:
+                tp.note = f"not in {missing[0].label}: carried from the layout model (carry_unmatched)"
+                unmatched.append(name)
+                continue
+            raise MergeError(_missing_message(name, role, missing[0], layout))
         shapes = [info.shape] + [s.shape for _, s in sources]
         if len(set(shapes)) > 1:
             same_width = len({s[1:] for s in shapes}) == 1 and all(len(s) >= 1 for s in shapes)
@@ -195,6 +224,9 @@ def build_plan(config: MergeConfig, options: ResolveOptions | None = None) -> Pl
             carried = info.shape[0] - tp.rows
             tp.note = (f"vocabulary: {tp.rows} common rows merged"
                        + (f", {carried} rows only the layout model has carried from it" if carried else ""))
+            if carried:
+                notices.append(f"vocabulary of {name}: rows 0..{tp.rows - 1} (common to all models) merged, "
+                               f"rows {tp.rows}..{info.shape[0] - 1} ({carried}) carried from the layout model")
         tp.action = "merge"
         tp.carry_from = None
         if config.out_dtype:
@@ -204,11 +236,20 @@ def build_plan(config: MergeConfig, options: ResolveOptions | None = None) -> Pl
         tp.inputs = sources
         tp.params = resolve_parameters(config, strategy, entries, (name, role.canonical),
                                        _position(role, num_layers))
+    if unmatched:
+        notices.append(f"carry_unmatched: {len(unmatched)} tensors of the layout model that another model "
+                       f"lacks were carried from the layout model (e.g. {unmatched[0]})")
+    output = {t.canonical for t in tensors}
     for m in [base] + models if base else models:
-        extra = set(m.by_canonical) - {t.canonical for t in tensors}
+        extra = [c for c in m.by_canonical if c not in output]
         if m is not layout and extra:
+            parts: dict[str, int] = {}
+            for c in extra:
+                p = part_of(m.roles[m.by_canonical[c]].role)
+                parts[p] = parts.get(p, 0) + 1
+            detail = ", ".join(f"{_PART_NAMES.get(p, p)}: {n}" for p, n in parts.items())
             notices.append(f"{m.label} has {len(extra)} tensors the layout model does not have "
-                           f"(e.g. {sorted(extra)[0]}); the output follows the layout model")
+                           f"({detail}; e.g. {sorted(extra)[0]}); the output follows the layout model")
     return Plan(config, strategy, base, models, entries, layout, tensors, notices, options)
 
 
@@ -238,8 +279,9 @@ def describe(plan: Plan) -> dict[str, Any]:
         "architectures": {m.label: m.spec.name for m in plan.inputs},
         "download_bytes": {m.label: m.checkpoint.download_bytes for m in plan.inputs},
         "notices": plan.notices,
+        "parts": parts_summary(plan),
         "tensors": [{
-            "name": t.name, "canonical": t.canonical, "role": t.role, "layer": t.layer,
+            "name": t.name, "canonical": t.canonical, "role": t.role, "part": part_of(t.role), "layer": t.layer,
             "shape": list(t.shape), "dtype": t.dtype, "action": t.action, "note": t.note,
             "base": src(t.base), "inputs": [src(s) for s in t.inputs], "carry_from": src(t.carry_from),
             "params": t.params, "rows": t.rows,
@@ -247,25 +289,58 @@ def describe(plan: Plan) -> dict[str, Any]:
     }
 
 
+def parts_summary(plan: Plan) -> dict[str, dict[str, Any]]:
+    """Per part of the output (language model, vision tower, projector, other): tensor counts,
+    merged and carried, and the models carried tensors come from."""
+    out: dict[str, dict[str, Any]] = {}
+    for t in plan.tensors:
+        entry = out.setdefault(part_of(t.role), {"tensors": 0, "merged": 0, "carried": 0, "carried_from": []})
+        entry["tensors"] += 1
+        if t.action == "merge":
+            entry["merged"] += 1
+        else:
+            entry["carried"] += 1
+            if t.carry_from[0].label not in entry["carried_from"]:
+                entry["carried_from"].append(t.carry_from[0].label)
+    return out
+
+
+def _tensor_line(t: TensorPlan, width: int) -> str:
+    shape = "×".join(map(str, t.shape)) or "scalar"
+    if t.action == "merge":
+        params = " ".join(f"{k}={_short(v)}" for k, v in t.params.items())
+        what = f"merge  {params}"
+    else:
+        what = f"carry  from {t.carry_from[0].label}"
+    note = f"  ({t.note})" if t.note else ""
+    return f"{t.name:<{width}}  {shape:>14} {t.dtype:<4}  {what}{note}"
+
+
 def render(plan: Plan) -> str:
-    """The plan as text: header, one line per tensor, totals."""
+    """The plan as text: header, one line per tensor (grouped by part for models with a vision
+    tower or projector), totals."""
     lines = [f"method      {plan.strategy.name} — {plan.strategy.description}"]
     if plan.base:
         lines.append(f"base        {plan.base.label}  [{plan.base.spec.name}]")
     for m in plan.models:
         lines.append(f"model       {m.label}  [{m.spec.name}]")
     lines.append(f"layout      {plan.layout.label}  [{plan.layout.spec.name}]")
-    lines.append("")
     width = max((len(t.name) for t in plan.tensors), default=10)
-    for t in plan.tensors:
-        shape = "×".join(map(str, t.shape)) or "scalar"
-        if t.action == "merge":
-            params = " ".join(f"{k}={_short(v)}" for k, v in t.params.items())
-            what = f"merge  {params}"
-        else:
-            what = f"carry  from {t.carry_from[0].label}"
-        note = f"  ({t.note})" if t.note else ""
-        lines.append(f"{t.name:<{width}}  {shape:>14} {t.dtype:<4}  {what}{note}")
+    parts = parts_summary(plan)
+    if not parts.keys() & {"vision_tower", "projector"}:  # a text model: one list, in file order
+        lines.append("")
+        lines += [_tensor_line(t, width) for t in plan.tensors]
+    else:
+        for part in sorted(parts, key=lambda p: (PARTS + ("other",)).index(p)):
+            summary = parts[part]
+            merged = [t for t in plan.tensors if part_of(t.role) == part and t.action == "merge"]
+            sources = sorted({m.label for t in merged for m, _ in t.merge_sources})
+            what = [f"{summary['merged']} merged" + (f" from {', '.join(sources)}" if sources else ""),
+                    f"{summary['carried']} carried" + (f" from {', '.join(summary['carried_from'])}"
+                                                       if summary["carried_from"] else "")]
+            lines.append("")
+            lines.append(f"== {_PART_NAMES.get(part, part)}: {summary['tensors']} tensors, {'; '.join(what)}")
+            lines += [_tensor_line(t, width) for t in plan.tensors if part_of(t.role) == part]
     merged = [t for t in plan.tensors if t.action == "merge"]
     total = sum(t.nbytes for t in plan.tensors)
     lines.append("")
