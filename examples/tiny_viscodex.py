@@ -44,7 +44,7 @@ def main(folder: str) -> None:
     fine_tune(code, like, 1)
     code.save_pretrained(root / "Qwen2.5-Coder")
     vlm = T.Qwen2_5_VLForConditionalGeneration(T.Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=VLM_VOCAB, rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]}, **TEXT),
+        text_config=dict(vocab_size=VLM_VOCAB, bos_token_id=132, eos_token_id=132, rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]}, **TEXT),
         vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, patch_size=2,
                            spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=32,
                            fullatt_block_indexes=[1], window_size=8),
