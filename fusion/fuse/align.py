@@ -1,0 +1,228 @@
+"""Token alignment between two tokenizations of the same text, and vocabulary maps.
+
+1. Sequence alignment: dynamic time warping over the two token sequences with the edit distance
+   between token strings as the cost (FuseLLM). A pivot token aligned to exactly one source token
+   that is aligned to it alone is a one-to-one pair; only those carry a source distribution.
+2. Vocabulary map: a source token maps to the pivot token with the same surface string, else
+   through the configured :class:`~fusion.fuse.api.Alignment` (exact / min_ed / statistics).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from functools import lru_cache
+from typing import Sequence
+
+import numpy as np
+
+from .api import Alignment, VocabContext
+
+#: Positions whose next pivot token is exact, mapped or fell back (report order).
+EXACT, MAPPED, FALLBACK = 0, 1, 2
+STATUS_NAMES = ("exact", "mapped", "fallback")
+
+
+@lru_cache(maxsize=1 << 18)
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance (insertions, deletions, substitutions all cost 1)."""
+    if len(a) < len(b):
+        a, b = b, a
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i]
+        for j, cb in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        previous = current
+    return previous[-1]
+
+
+def _byte_decoder() -> dict[str, int]:
+    """The inverse of the byte-level BPE byte → printable-character table (GPT-2)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
+        + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(printable, chars)}
+
+
+def surface_strings(tokenizer) -> list[str]:
+    """The text each token id stands for, so tokens of different tokenizers can be compared.
+
+    Byte-level BPE tokens (``Ġhello``) are decoded from their byte alphabet; SentencePiece-style
+    ``▁`` becomes a space and ``<0x0A>`` byte tokens their character. Ids without a token map to "".
+    """
+    vocab = tokenizer.get_vocab()
+    size = max(max(vocab.values()) + 1, len(tokenizer))
+    strings = [""] * size
+    try:
+        decoder = json.dumps(json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder"))
+    except AttributeError:  # a slow tokenizer: no byte-level decoder
+        decoder = ""
+    special = set(getattr(tokenizer, "all_special_tokens", ()))
+    byte_level = "ByteLevel" in decoder
+    table = _byte_decoder() if byte_level else {}
+    for token, i in vocab.items():
+        if token in special:
+            strings[i] = token
+        elif byte_level:
+            data = bytes(table[c] for c in token if c in table) if all(c in table for c in token) else None
+            strings[i] = data.decode("utf-8", errors="replace") if data is not None else token
+        elif len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            try:
+                strings[i] = bytes([int(token[3:5], 16)]).decode("utf-8", errors="replace")
+            except ValueError:
+                strings[i] = token
+        else:
+            strings[i] = token.replace("▁", " ")
+    return strings
+
+
+def dtw(a: Sequence[str], b: Sequence[str], band: int = 64) -> list[tuple[int, int]]:
+    """The cheapest monotone alignment path between token strings ``a`` and ``b``.
+
+    Every token of each side is aligned to at least one token of the other; the cost of a pair
+    is the edit distance of the two strings. Cells whose character positions lie more than
+    ``band`` characters apart are skipped (the two sides are the same text, so such pairs never
+    lie on a good path); when that leaves no path, the full matrix is used.
+    """
+    n, m = len(a), len(b)
+    if n == 0 or m == 0:
+        return []
+    pa = np.cumsum([0] + [len(s) for s in a[:-1]])
+    pb = np.cumsum([0] + [len(s) for s in b[:-1]])
+    for limit in (band, None):
+        path = _dtw(a, b, pa, pb, limit)
+        if path is not None:
+            return path
+    raise AssertionError("unbanded alignment always has a path")
+
+
+def _dtw(a, b, pa, pb, band: int | None) -> list[tuple[int, int]] | None:
+    n, m = len(a), len(b)
+    inf = float("inf")
+    cost = np.full((n, m), inf)
+    for i in range(n):
+        if band is None:
+            lo, hi = 0, m
+        else:
+            lo = int(np.searchsorted(pb, pa[i] - band, side="left"))
+            hi = int(np.searchsorted(pb, pa[i] + band, side="right"))
+        row_prev = cost[i - 1] if i else None
+        row = cost[i]
+        for j in range(lo, hi):
+            c = edit_distance(a[i], b[j])
+            if i == 0 and j == 0:
+                row[j] = c
+                continue
+            best = inf
+            if i and j:
+                best = row_prev[j - 1]
+            if i and row_prev[j] < best:
+                best = row_prev[j]
+            if j and row[j - 1] < best:
+                best = row[j - 1]
+            row[j] = c + best
+    if not np.isfinite(cost[n - 1, m - 1]):
+        return None
+    path = [(n - 1, m - 1)]
+    i, j = n - 1, m - 1
+    while i or j:
+        # prefer the diagonal on ties: it keeps pairs one-to-one
+        moves = []
+        if i and j:
+            moves.append((cost[i - 1, j - 1], i - 1, j - 1))
+        if i:
+            moves.append((cost[i - 1, j], i - 1, j))
+        if j:
+            moves.append((cost[i, j - 1], i, j - 1))
+        _, i, j = min(moves, key=lambda t: t[0])
+        path.append((i, j))
+    path.reverse()
+    return path
+
+
+def one_to_one(path: Sequence[tuple[int, int]]) -> dict[int, int]:
+    """Pairs of the path whose tokens are aligned to nothing else: pivot index → source index."""
+    count_a = Counter(i for i, _ in path)
+    count_b = Counter(j for _, j in path)
+    return {i: j for i, j in path if count_a[i] == 1 and count_b[j] == 1}
+
+
+class VocabMap:
+    """Source token id → pivot token id (or -1), built once for every id the data needs."""
+
+    def __init__(self, alignment: Alignment, context: VocabContext):
+        self.alignment = alignment
+        self.context = context
+        self.table: dict[int, int] = {}
+        self.how: dict[int, int] = {}  # EXACT or MAPPED for ids that map
+
+    def build(self, source_ids: np.ndarray) -> None:
+        ctx = self.context
+        rest = []
+        for s in (int(x) for x in np.unique(source_ids) if x >= 0):
+            if s in self.table:
+                continue
+            text = ctx.source_tokens[s] if s < len(ctx.source_tokens) else ""
+            p = ctx.pivot_index.get(text, -1) if text else -1
+            self.table[s] = p
+            if p >= 0:
+                self.how[s] = EXACT
+            elif text:
+                rest.append(s)
+        if rest:
+            for s, p in self.alignment.map_tokens(rest, ctx).items():
+                if s in self.table and self.table[s] < 0 and 0 <= p < len(ctx.pivot_tokens):
+                    self.table[s] = int(p)
+                    self.how[s] = MAPPED
+
+    def lookup(self, ids: np.ndarray) -> np.ndarray:
+        out = np.array([self.table.get(int(s), -1) for s in ids.ravel()], dtype=np.int64)
+        return out.reshape(ids.shape)
+
+
+def pivot_index(pivot_tokens: Sequence[str]) -> dict[str, int]:
+    index: dict[str, int] = {}
+    for i, s in enumerate(pivot_tokens):
+        if s:
+            index.setdefault(s, i)
+    return index
+
+
+def min_edit_distance_token(text: str, context: VocabContext, candidates: Sequence[int] | None = None) -> int:
+    """The pivot id whose string is closest to ``text`` (lowest id on ties), or -1."""
+    best, best_id = None, -1
+    if candidates is not None:
+        for p in sorted(candidates):
+            d = edit_distance(text, context.pivot_tokens[p])
+            if best is None or d < best:
+                best, best_id = d, p
+        return best_id
+    by_length = _lengths(context)
+    # a string of length L is at least |L − len(text)| edits away: search outwards, stop early
+    for delta in range(0, max(by_length, default=0) + len(text) + 1):
+        if best is not None and delta > best:
+            break
+        for length in {len(text) - delta, len(text) + delta}:
+            for p in by_length.get(length, ()):
+                d = edit_distance(text, context.pivot_tokens[p])
+                if best is None or d < best or (d == best and p < best_id):
+                    best, best_id = d, p
+    return best_id
+
+
+def _lengths(context: VocabContext) -> dict[int, list[int]]:
+    cached = getattr(context, "_by_length", None)
+    if cached is None:
+        cached = {}
+        for p, s in enumerate(context.pivot_tokens):
+            if s:
+                cached.setdefault(len(s), []).append(p)
+        context._by_length = cached  # type: ignore[attr-defined]
+    return cached
