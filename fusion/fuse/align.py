@@ -1,8 +1,8 @@
 """Token alignment between two tokenizations of the same text, and vocabulary maps.
 
-1. Sequence alignment: dynamic time warping over the two token sequences with the edit distance
-   between token strings as the cost (FuseLLM). A pivot token aligned to exactly one source token
-   that is aligned to it alone is a one-to-one pair; only those carry a source distribution.
+1. Sequence alignment: dynamic time warping over the two token sequences with an edit-distance
+   cost (FuseLLM). A pivot token aligned to exactly one source token that is aligned to it alone
+   is a one-to-one pair; only those carry a source distribution.
 2. Vocabulary map: a source token maps to the pivot token with the same surface string, else
    through the configured :class:`~fusion.fuse.api.Alignment` (exact / min_ed / statistics).
 """
@@ -83,11 +83,22 @@ def surface_strings(tokenizer) -> list[str]:
     return strings
 
 
+def pair_cost(a: str, b: str, gap: int) -> int:
+    """The cost of aligning two tokens: their edit distance beyond the difference in length (so a
+    piece of a split token costs nothing against the whole), plus ``gap``, how many characters
+    apart the two tokens lie in the text (0 when they overlap or touch).
+
+    Plain edit distance makes dynamic time warping prefer the diagonal: it pairs "lo" with " wor"
+    rather than aligning both "hel" and "lo" to "hello", which would carry a wrong distribution.
+    """
+    return edit_distance(a, b) - abs(len(a) - len(b)) + gap
+
+
 def dtw(a: Sequence[str], b: Sequence[str], band: int = 64) -> list[tuple[int, int]]:
     """The cheapest monotone alignment path between token strings ``a`` and ``b``.
 
     Every token of each side is aligned to at least one token of the other; the cost of a pair
-    is the edit distance of the two strings. Cells whose character positions lie more than
+    is :func:`pair_cost`. Cells whose character positions lie more than
     ``band`` characters apart are skipped (the two sides are the same text, so such pairs never
     lie on a good path); when that leaves no path, the full matrix is used.
     """
@@ -116,7 +127,8 @@ def _dtw(a, b, pa, pb, band: int | None) -> list[tuple[int, int]] | None:
         row_prev = cost[i - 1] if i else None
         row = cost[i]
         for j in range(lo, hi):
-            c = edit_distance(a[i], b[j])
+            gap = max(0, max(pa[i], pb[j]) - min(pa[i] + len(a[i]), pb[j] + len(b[j])))
+            c = pair_cost(a[i], b[j], int(gap))
             if i == 0 and j == 0:
                 row[j] = c
                 continue

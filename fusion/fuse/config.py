@@ -11,7 +11,9 @@ from ..errors import ConfigError
 
 TOP_LEVEL_KEYS = ("pivot", "sources", "data", "eval_data", "representations", "alignment",
                   "fusion_function", "training", "merge")
-TRAIN_DTYPES = ("float32", "bfloat16", "float16")
+#: SCE as FuseChat's released merge code runs it: the top-10% variance mask decides each
+#: target's weight, and the unmasked task vectors are merged (`select_scope: weights`).
+DEFAULT_SCE = {"select_topk": 0.1, "select_scope": "weights"}
 
 
 @dataclass
@@ -47,7 +49,7 @@ class FuseConfig:
     fusion_function: str = "min_ce"
     training: Training = field(default_factory=Training)
     merge_method: str = "sce"
-    merge_parameters: dict[str, Any] = field(default_factory=lambda: {"select_topk": 0.1})
+    merge_parameters: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_SCE))
     source: Path | None = None
     text: str = ""
 
@@ -207,7 +209,7 @@ def parse_fuse_config(text: str, source: Path | None = None) -> FuseConfig:
             raise err(f"merge.{key}", "unknown key; merge has `method` and `parameters`")
     method = merge.get("method", "sce")
     strategy = get_strategy(method, "merge.method", lines.get("merge.method"))
-    params = merge.get("parameters", {"select_topk": 0.1} if method == "sce" else {})
+    params = merge.get("parameters", dict(DEFAULT_SCE) if method == "sce" else {})
     if not isinstance(params, Mapping):
         raise err("merge.parameters", "parameters must be a mapping such as {select_topk: 0.1}")
     for key, value in params.items():
