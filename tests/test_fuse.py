@@ -208,3 +208,262 @@ def test_fused_targets_min_ce_and_avg_ce_on_hand_computed_numbers():
 def test_softmax_rows_ignores_invalid_entries():
     p = softmax_rows(np.array([[0.0, math.log(3.0), 9.0]]), np.array([[True, True, False]]))
     assert p.tolist()[0] == pytest.approx([0.25, 0.75, 0.0])
+
+
+# -- config and data ---------------------------------------------------------------------------
+
+def _config(tmp_path, text):
+    from fusion.fuse.config import parse_fuse_config
+
+    (tmp_path / "d.jsonl").write_text('{"text": "hi"}\n')
+    path = tmp_path / "fuse.yaml"
+    path.write_text(text)
+    return parse_fuse_config(text, source=path)
+
+
+@pytest.mark.parametrize("text,path,line,words", [
+    ("pivot: ./p\nsources: [./s]\ndata: d.jsonl\nepochs: 3\n", "epochs", 4, "unknown key"),
+    ("pivot: ./p\nsources: [./s]\ndata: missing.jsonl\n", "data", 3, "does not exist"),
+    ("pivot: ./p\nsources: []\ndata: d.jsonl\n", "sources", 2, "non-empty list"),
+    ("pivot: ./p\nsources: [./s]\ndata: d.jsonl\nalignment: fuzzy\n", "alignment", 4, "min_ed"),
+    ("pivot: ./p\nsources: [./s]\ndata: d.jsonl\nfusion_function: max\n", "fusion_function", 4, "avg_ce"),
+    ("pivot: ./p\nsources: [./s]\ndata: d.jsonl\ntraining:\n  lm_loss_weight: 1.5\n",
+     "training.lm_loss_weight", 5, "out of range"),
+    ("pivot: ./p\nsources: [./s]\ndata: d.jsonl\ntraining: {epochs: 0}\n", "training.epochs", 4, "greater than 0"),
+    ("pivot: ./p\nsources: [./s]\ndata: d.jsonl\ntraining: {dtype: int8}\n", "training.dtype", 4, "bfloat16"),
+    ("pivot: ./p\nsources: [./s]\ndata: d.jsonl\nmerge: {method: sce, parameters: {density: 0.5}}\n",
+     "merge.parameters.density", 4, "select_topk"),
+    ("pivot: ./p\nsources: [./s]\ndata: d.jsonl\nmerge: {method: nope}\n", "merge.method", 4, "ties"),
+])
+def test_config_errors_name_the_path_and_line(tmp_path, text, path, line, words):
+    with pytest.raises(ConfigError) as info:
+        _config(tmp_path, text)
+    assert info.value.path == path and info.value.line == line, str(info.value)
+    assert words in str(info.value)
+
+
+def test_config_defaults_follow_fusechat(tmp_path):
+    c = _config(tmp_path, "pivot: ./p\nsources:\n  - model: ./s\ndata: d.jsonl\nalignment: {method: min_ed, "
+                          "fallback: gold}\n")
+    assert (c.representations.top_k, c.alignment, c.fallback, c.fusion_function) == (10, "min_ed", "gold", "min_ce")
+    t = c.training
+    assert (t.lm_loss_weight, t.epochs, t.learning_rate, t.warmup_ratio) == (0.9, 3, 5e-6, 0.03)
+    assert (c.merge_method, c.merge_parameters["select_topk"]) == ("sce", 0.1)
+
+
+def test_chat_formatting_masks_prompts(tmp_path):
+    from fuse_models import make_tokenizer
+
+    from fusion.fuse.data import encode, load_examples
+
+    tok = make_tokenizer(tmp_path / "tok", "byte", 320)
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"messages": [{"role": "user", "content": "count from apple"}, {"role": "assistant", "content": "river stone"},
+                      {"role": "user", "content": "count from ocean"}, {"role": "assistant", "content": "ember"}]},
+        {"prompt": "count from tiger", "response": "maple"},
+        {"text": "lotus raven"},
+    ]) + "\n")
+    chat, pr, text = load_examples(tmp_path / "d.jsonl", tok)
+    learned = ["".join(chat.text[a:b] for a, b in chat.spans)]
+    assert learned == ["river stone<|end|>\nember<|end|>\n"]
+    ids, response = encode(tok, pr, 64)
+    assert tok.decode(ids[response]) == "maple<|end|>\n"
+    assert tok.decode(ids[~response]).startswith("<|user|>count from tiger")
+    ids, response = encode(tok, text, 64)
+    assert response.all()
+
+
+def test_data_errors_name_file_and_line(tmp_path):
+    from fusion.fuse.data import load_examples
+
+    (tmp_path / "d.jsonl").write_text('{"text": "ok"}\n{"messages": [{"role": "user", "content": "hi"}]}\n')
+    with pytest.raises(FusionError, match=r"d.jsonl:2: the conversation has no assistant message"):
+        load_examples(tmp_path / "d.jsonl", None)
+    (tmp_path / "d.jsonl").write_text('{"text": "ok"}\nnot json\n')
+    with pytest.raises(FusionError, match=r"d.jsonl:2: not valid JSON"):
+        load_examples(tmp_path / "d.jsonl", None)
+
+
+def test_without_transformers_fuse_says_how_to_install_and_merge_still_works(tmp_path):
+    from fusion.demo import make_family
+
+    make_family(tmp_path)
+    (tmp_path / "merge.yaml").write_text("merge_method: task_arithmetic\nbase_model: ./base\n"
+                                         "models:\n  - model: ./chat\n  - model: ./code\n")
+    (tmp_path / "fuse.yaml").write_text("pivot: ./base\nsources: [./chat]\ndata: d.jsonl\n")
+    (tmp_path / "d.jsonl").write_text('{"text": "hi"}\n')
+    script = ("import sys; sys.modules['transformers'] = None\n"
+              "from fusion.cli import main\n"
+              "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+              "    assert 'transformers' not in sys.modules or sys.modules['transformers'] is None\n"
+              "    raise\n")
+    merged = subprocess.run([sys.executable, "-c", script, "merge", "merge.yaml", "-o", "out", "-q"],
+                            cwd=tmp_path, capture_output=True, text=True)
+    assert merged.returncode == 0, merged.stderr
+    assert (tmp_path / "out" / "model.safetensors").exists()
+    fused = subprocess.run([sys.executable, "-c", script, "fuse", "fuse.yaml", "-o", "fused"],
+                           cwd=tmp_path, capture_output=True, text=True)
+    assert fused.returncode == 1
+    assert fused.stderr.strip() == "error: `fusion fuse` needs transformers; install it with: pip install 'fusion[fuse]'"
+    assert not (tmp_path / "fused").exists()
+
+
+# -- end to end on tiny models -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    """The tiny models and data, built once per test run (shared by the xdist workers)."""
+    import torch
+    from filelock import FileLock
+
+    from fuse_models import build_fusion_case
+
+    torch.set_num_threads(1)  # two workers on two cores: more threads only contend
+    root = tmp_path_factory.getbasetemp().parent / "fuse-case"
+    with FileLock(str(root) + ".lock"):
+        if not (root / "heldout.jsonl").exists():
+            build_fusion_case(root)
+    return root
+
+
+def _copy_case(case: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    for name in ("pivot", "source_a", "source_b"):
+        shutil.copytree(case / name, tmp_path / name)
+    for name in ("train.jsonl", "heldout.jsonl"):
+        shutil.copyfile(case / name, tmp_path / name)
+    return tmp_path
+
+
+def _mtimes(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_knowledge_transfer_through_aligned_distributions(case, tmp_path):
+    """Distillation only (λ = 0): whatever the targets learn of the pattern came through the
+    aligned source distributions, also from the source whose tokenizer differs from the pivot's."""
+    import transformers
+
+    from fuse_models import write_config
+    from fusion.fuse.pipeline import run_fuse
+
+    root = _copy_case(case, tmp_path)
+    inputs = _mtimes(root)
+    config = write_config(root, lm_loss_weight=0.0)
+    out = root / "out"
+    messages = []
+    report = run_fuse(config, out, echo=messages.append)
+    held = report["heldout_loss"]
+    pivot = held["pivot"]
+    for name in ("pivot-source_a", "pivot-source_b"):
+        assert held["targets"][name] < 0.6 * pivot, held
+    assert held["merged"] < 0.6 * pivot, held
+
+    # alignment: the shared vocabulary aligns exactly; the other one partly maps and falls back
+    cov_a, cov_b = report["alignment"]["source_a"], report["alignment"]["source_b"]
+    assert cov_a["positions"]["exact"] == sum(cov_a["positions"].values()) > 0
+    assert cov_b["positions"]["exact"] > 0 and cov_b["positions"]["fallback"] > 0
+    assert cov_b["topk_tokens"]["exact"] > 0
+    # the sources know the pattern, the pivot does not: MinCE picks the sources
+    for name in ("source_a", "source_b"):
+        f = report["fusion"][name]
+        assert f["source_chosen"] > 0.9 * report["data"]["train"], f
+        curve = report["training"][name]["curve"]
+        assert curve[-1]["distill_loss"] < 0.5 * curve[0]["distill_loss"]
+        assert all(e["lm_loss"] >= 0 for e in curve)
+    assert set(report["stages"]) == {"represent", "fuse", "train", "merge", "evaluate"}
+
+    # the outputs: loadable models with cards, the report, the plot; inputs untouched
+    for folder in (out / "targets" / "pivot-source_b", out / "merged"):
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+        tok = transformers.AutoTokenizer.from_pretrained(folder)
+        assert model(**tok("count from apple", return_tensors="pt")).logits.shape[-1] == len(tok)
+        assert "fusion" in (folder / "README.md").read_text()
+    assert "source_b" in (out / "targets" / "pivot-source_b" / "README.md").read_text()
+    assert "pairwise knowledge fusion" in (out / "merged" / "README.md").read_text()
+    assert json.loads((out / "report.json").read_text())["heldout_loss"] == held
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = (out / "report.md").read_text()
+    assert "held-out loss" in summary and "represent" in summary and "fallback" in summary
+    assert _mtimes(root / "pivot") == {k[len("pivot/"):]: v for k, v in inputs.items() if k.startswith("pivot/")}
+
+    # a second run reuses everything it can and gives the same result
+    before = _mtimes(out / "cache")
+    again = run_fuse(config, out, echo=lambda _m: None)
+    assert again["stages"]["represent"]["reused"] == 3
+    assert all(t["reused"] for t in again["training"].values())
+    assert _mtimes(out / "cache") == before
+    assert again["heldout_loss"]["targets"] == pytest.approx(held["targets"])
+    assert again["heldout_loss"]["merged"] == pytest.approx(held["merged"])
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_from_the_representations(case, tmp_path, monkeypatch):
+    from fuse_models import write_config
+    from fusion.cli import main
+    from fusion.fuse import train
+
+    root = _copy_case(case, tmp_path)
+    config = write_config(root, sources=("source_b",), epochs=2, alignment="min_ed", function="avg_ce")
+    out = root / "out"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C during training
+
+    with monkeypatch.context() as m:
+        m.setattr(train, "distil", interrupted)
+        with pytest.raises(SystemExit) as stop:
+            main(["fuse", str(config), "-o", str(out), "-q"])
+    assert stop.value.code == 130
+    cached = _mtimes(out / "cache")
+    assert "represent-pivot.safetensors" in cached and "represent-source_b.safetensors" in cached
+    assert not (out / "targets" / "pivot-source_b").exists()  # a target is complete or absent
+    assert not list((out / "targets").iterdir())
+
+    main(["fuse", str(config), "-o", str(out), "-q"])
+    report = json.loads((out / "report.json").read_text())
+    assert report["stages"]["represent"]["reused"] == 2 and report["stages"]["represent"]["computed"] == 0
+    assert all(_mtimes(out / "cache")[name] == t for name, t in cached.items())
+    assert report["training"]["source_b"]["curve"], report
+    # avg_ce: both sides weigh in; softmax(exp(−CE)) never gives one side more than e/(1 + e) = 0.731
+    assert 0.5 < report["fusion"]["source_b"]["source_weight_mean"] < 0.731
+    assert "one source" in " ".join(report["notes"])
+
+    # --until stops after a stage; representations are redone only when what they depend on changes
+    write_config(root, sources=("source_b",), epochs=2, alignment="exact", function="avg_ce")
+    main(["fuse", str(config), "-o", str(out), "--until", "fuse", "-q"])
+    report = json.loads((out / "report.json").read_text())
+    assert report["stages"]["represent"]["reused"] == 2 and "train" not in report["stages"]
+    config.write_text(config.read_text().replace("top_k: 10", "top_k: 5"))
+    main(["fuse", str(config), "-o", str(out), "--until", "represent", "-q"])
+    assert json.loads((out / "report.json").read_text())["stages"]["represent"]["computed"] == 2
+
+
+@pytest.mark.slow
+def test_torchrun_trains_with_two_processes(case, tmp_path):
+    """Two CPU processes (gloo) through torchrun: a loadable target and a falling loss."""
+    import transformers
+
+    from fuse_models import write_config
+
+    root = _copy_case(case, tmp_path)
+    config = write_config(root, sources=("source_b",), epochs=4, lm_loss_weight=0.5)
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "fusion", "fuse",
+                             str(config), "-o", str(root / "out")], cwd=root, capture_output=True, text=True,
+                            env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((root / "out" / "report.json").read_text())
+    assert report["processes"] == 2
+    curve = report["training"]["source_b"]["curve"]
+    assert curve[-1]["loss"] < curve[0]["loss"]
+    # each step takes 8 sequences on each process: 48 sequences → 3 steps per epoch
+    assert len(curve) == 4 * 3
+    target = root / "out" / "targets" / "pivot-source_b"
+    model = transformers.AutoModelForCausalLM.from_pretrained(target)
+    assert report["heldout_loss"]["targets"]["pivot-source_b"] < report["heldout_loss"]["pivot"]
+    assert model.config.model_type == "llama"
+    assert result.stdout.count("held-out loss") == 1  # only process 0 reports
