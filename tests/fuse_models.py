@@ -138,3 +138,12 @@ training: {{lm_loss_weight: {lm_loss_weight}, epochs: {epochs}, learning_rate: 3
     path = root / name
     path.write_text(text)
     return path
+
+
+if __name__ == "__main__":  # python tests/fuse_models.py DIR: the tiny case and its config
+    import sys
+
+    torch.set_num_threads(1)
+    target = Path(sys.argv[1] if len(sys.argv) > 1 else "fuse-demo")
+    build_fusion_case(target)
+    print(f"wrote {write_config(target)}; run: fusion fuse {target / 'fuse.yaml'} -o {target / 'out'}")

@@ -152,8 +152,11 @@ def test_avg_ce_weights_are_softmax_of_exp_minus_ce():
     assert w[1] == pytest.approx(0.442125, abs=2e-6)
 
 
-def _reps(ids, response, topk_ids, topk_logits, ce):
+def _reps(tokens, ids, response, topk_ids, topk_logits, ce):
+    ends = np.cumsum([len(tokens[i]) for i in ids])
+    offsets = np.stack([ends - [len(tokens[i]) for i in ids], ends], axis=1)
     return Representations(lengths=np.array([len(ids)]), input_ids=np.array(ids), response=np.array(response),
+                           offsets=offsets,
                            topk_ids=np.array(topk_ids, dtype=np.int32),
                            topk_logits=np.array(topk_logits, dtype=np.float32), ce=np.array(ce, dtype=np.float32))
 
@@ -165,9 +168,9 @@ def _pair():
     pivot_tokens = ["bc", "a", "d", "e", "q"]
     source_tokens = ["a", "b", "c", "D", "e"]
     ln3 = math.log(3.0)
-    pivot = _reps([1, 0, 2, 3], [False, True, True, True], [[0, 4]] * 4, [[ln3, 0.0]] * 4, [1.0])
+    pivot = _reps(pivot_tokens, [1, 0, 2, 3], [False, True, True, True], [[0, 4]] * 4, [[ln3, 0.0]] * 4, [1.0])
     # source position 3 ("D") predicts "e" with ids [4 ("e"), 1 ("b")] logits [ln 4, 0] → 0.8 / 0.2
-    source = _reps([0, 1, 2, 3, 4], [False, True, True, True, True], [[4, 1]] * 5,
+    source = _reps(source_tokens, [0, 1, 2, 3, 4], [False, True, True, True, True], [[4, 1]] * 5,
                    [[math.log(4.0), 0.0]] * 5, [0.5])
     return pivot, source, pivot_tokens, source_tokens
 
@@ -467,3 +470,40 @@ def test_torchrun_trains_with_two_processes(case, tmp_path):
     assert report["heldout_loss"]["targets"]["pivot-source_b"] < report["heldout_loss"]["pivot"]
     assert model.config.model_type == "llama"
     assert result.stdout.count("held-out loss") == 1  # only process 0 reports
+
+
+def test_a_plugin_adds_an_alignment_and_a_fusion_function(tmp_path, monkeypatch):
+    """The docs/plugins.md examples, loaded as a local plugin file, work as built-ins do."""
+    import re
+
+    from fusion import plugins as pm
+
+    doc = (ROOT / "docs" / "plugins.md").read_text()
+    code = re.search(r"```python\n(import fusion\n\nclass Lowercase.*?)```", doc, re.S).group(1)
+    code += '''
+class SourceOnly(fusion.FusionFunction):
+    name = "source_only"
+    description = "Always the aligned source distribution."
+
+    def weights(self, ce):
+        return [0.0, 1.0]
+
+@fusion.hookimpl
+def register_fusion_functions(register):
+    register(SourceOnly())
+'''
+    (tmp_path / "my_plugin.py").write_text(code)
+    monkeypatch.setattr(pm, "_local_plugins", [])
+    pm.add_local_plugin(str(tmp_path / "my_plugin.py"))
+    try:
+        ctx = VocabContext([" The", " cat"], [" the", " CAT", " dog"], pivot_index([" The", " cat"]))
+        vm = VocabMap(pm.alignments()["lowercase"], ctx)
+        vm.build(np.array([0, 1, 2]))
+        assert vm.table == {0: 0, 1: 1, 2: -1}
+        c = _config(tmp_path, "pivot: ./p\nsources: [./s]\ndata: d.jsonl\nalignment: lowercase\n"
+                              "fusion_function: source_only\n")
+        assert (c.alignment, c.fusion_function) == ("lowercase", "source_only")
+        info = next(i for i in pm.plugin_infos() if i.name == "my_plugin")
+        assert (info.alignments, info.fusion_functions) == (["lowercase"], ["source_only"])
+    finally:
+        pm.reset()

@@ -94,40 +94,50 @@ def pair_cost(a: str, b: str, gap: int) -> int:
     return edit_distance(a, b) - abs(len(a) - len(b)) + gap
 
 
-def dtw(a: Sequence[str], b: Sequence[str], band: int = 64) -> list[tuple[int, int]]:
+def dtw(a: Sequence[str], b: Sequence[str], band: int = 64, spans_a: np.ndarray | None = None,
+        spans_b: np.ndarray | None = None) -> list[tuple[int, int]]:
     """The cheapest monotone alignment path between token strings ``a`` and ``b``.
 
     Every token of each side is aligned to at least one token of the other; the cost of a pair
-    is :func:`pair_cost`. Cells whose character positions lie more than
-    ``band`` characters apart are skipped (the two sides are the same text, so such pairs never
-    lie on a good path); when that leaves no path, the full matrix is used.
+    is :func:`pair_cost`. ``spans_a``/``spans_b`` ([n, 2] character start/end of each token in
+    the text both were cut from) place the tokens; without them, positions are summed string
+    lengths. Cells whose tokens lie more than ``band`` characters apart are skipped (such pairs
+    never lie on a good path); when that leaves no path, the full matrix is used.
     """
     n, m = len(a), len(b)
     if n == 0 or m == 0:
         return []
-    pa = np.cumsum([0] + [len(s) for s in a[:-1]])
-    pb = np.cumsum([0] + [len(s) for s in b[:-1]])
+    sa = _spans(a) if spans_a is None else np.asarray(spans_a, dtype=np.int64)
+    sb = _spans(b) if spans_b is None else np.asarray(spans_b, dtype=np.int64)
     for limit in (band, None):
-        path = _dtw(a, b, pa, pb, limit)
+        path = _dtw(a, b, sa, sb, limit)
         if path is not None:
             return path
     raise AssertionError("unbanded alignment always has a path")
 
 
-def _dtw(a, b, pa, pb, band: int | None) -> list[tuple[int, int]] | None:
+def _spans(tokens: Sequence[str]) -> np.ndarray:
+    ends = np.cumsum([len(t) for t in tokens])
+    return np.stack([ends - [len(t) for t in tokens], ends], axis=1).astype(np.int64)
+
+
+def _dtw(a, b, sa, sb, band: int | None) -> list[tuple[int, int]] | None:
     n, m = len(a), len(b)
     inf = float("inf")
     cost = np.full((n, m), inf)
+    order = np.argsort(sb[:, 0], kind="stable")
+    starts = sb[order, 0]
     for i in range(n):
         if band is None:
-            lo, hi = 0, m
+            cells = range(m)
         else:
-            lo = int(np.searchsorted(pb, pa[i] - band, side="left"))
-            hi = int(np.searchsorted(pb, pa[i] + band, side="right"))
+            lo = int(np.searchsorted(starts, sa[i, 0] - band, side="left"))
+            hi = int(np.searchsorted(starts, sa[i, 1] + band, side="right"))
+            cells = sorted(int(j) for j in order[lo:hi])
         row_prev = cost[i - 1] if i else None
         row = cost[i]
-        for j in range(lo, hi):
-            gap = max(0, max(pa[i], pb[j]) - min(pa[i] + len(a[i]), pb[j] + len(b[j])))
+        for j in cells:
+            gap = max(0, max(sa[i, 0], sb[j, 0]) - min(sa[i, 1], sb[j, 1]))
             c = pair_cost(a[i], b[j], int(gap))
             if i == 0 and j == 0:
                 row[j] = c

@@ -120,12 +120,15 @@ def split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Exa
     return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
 
 
-def encode(tokenizer, example: Example, max_length: int) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids and, per token, whether it belongs to a response (and so is a training target)."""
+def encode(tokenizer, example: Example, max_length: int, with_offsets: bool = False):
+    """Token ids and, per token, whether it belongs to a response (and so is a training target);
+    with ``with_offsets`` also each token's [start, end) characters in the text."""
     enc = tokenizer(example.text, add_special_tokens=not example.chat, return_offsets_mapping=True,
                     truncation=True, max_length=max_length)
     ids = np.asarray(enc["input_ids"], dtype=np.int64)
     response = np.zeros(len(ids), dtype=bool)
     for t, (s, e) in enumerate(enc["offset_mapping"]):
         response[t] = e > s and any(a <= s < b for a, b in example.spans)
+    if with_offsets:
+        return ids, response, np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
     return ids, response

@@ -53,7 +53,8 @@ def align(pivot: Representations, source: Representations, pivot_tokens: Sequenc
         p_ids, s_ids = pivot.input_ids[pivot.span(i)], source.input_ids[source.span(i)]
         a = [pivot_tokens[t] if t < len(pivot_tokens) else "" for t in p_ids]
         b = [source_tokens[t] if t < len(source_tokens) else "" for t in s_ids]
-        pairs = one_to_one(dtw(a, b))
+        path = dtw(a, b, spans_a=pivot.offsets[pivot.span(i)], spans_b=source.offsets[source.span(i)])
+        pairs = one_to_one(path)
         paths.append(pairs)
         for pi, sj in pairs.items():
             cooccurrence[(int(s_ids[sj]), int(p_ids[pi]))] += 1

@@ -17,7 +17,7 @@ import numpy as np
 
 from .data import Example, encode
 
-VERSION = 1
+VERSION = 2
 
 
 @dataclass
@@ -25,6 +25,7 @@ class Representations:
     lengths: np.ndarray  # [N] tokens per sequence
     input_ids: np.ndarray  # [T] all sequences concatenated
     response: np.ndarray  # [T] bool: the token is a response token (a training target)
+    offsets: np.ndarray  # [T, 2] each token's [start, end) characters in the sequence's text
     topk_ids: np.ndarray  # [T, k] position t's top-k next-token ids
     topk_logits: np.ndarray  # [T, k]
     ce: np.ndarray  # [N] mean CE over response targets (NaN when a sequence has none)
@@ -43,7 +44,7 @@ class Representations:
 
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         arrays = {name: np.ascontiguousarray(getattr(self, name)) for name in
-                  ("lengths", "input_ids", "topk_ids", "topk_logits", "ce")}
+                  ("lengths", "input_ids", "offsets", "topk_ids", "topk_logits", "ce")}
         arrays["response"] = self.response.astype(np.uint8)
         save_file(arrays, str(tmp), metadata={"key": key})
         os.replace(tmp, path)  # a cache file is complete or absent
@@ -78,7 +79,7 @@ def compute(model, tokenizer, examples: list[Example], *, top_k: int, max_length
             device: str, progress=None) -> Representations:
     import torch
 
-    encoded = [encode(tokenizer, e, max_length) for e in examples]
+    encoded = [encode(tokenizer, e, max_length, with_offsets=True) for e in examples]
     vocab = model.get_output_embeddings().weight.shape[0]
     k = min(top_k, vocab)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -87,16 +88,16 @@ def compute(model, tokenizer, examples: list[Example], *, top_k: int, max_length
     with torch.no_grad():
         for b in range(0, len(encoded), batch_size):
             batch = encoded[b:b + batch_size]
-            width = max(len(ids) for ids, _ in batch)
+            width = max(len(ids) for ids, *_ in batch)
             ids = torch.full((len(batch), width), pad, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for r, (seq, _) in enumerate(batch):
+            for r, (seq, *_) in enumerate(batch):
                 ids[r, :len(seq)] = torch.from_numpy(seq)
                 mask[r, :len(seq)] = 1
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
             values, indices = logits.topk(k, dim=-1)
             logp = torch.log_softmax(logits, dim=-1)
-            for r, (seq, response) in enumerate(batch):
+            for r, (seq, response, _) in enumerate(batch):
                 n = len(seq)
                 ids_out.append(indices[r, :n].to("cpu", torch.int32).numpy())
                 logits_out.append(values[r, :n].cpu().numpy())
@@ -110,9 +111,10 @@ def compute(model, tokenizer, examples: list[Example], *, top_k: int, max_length
             if progress is not None:
                 progress(len(batch))
     return Representations(
-        lengths=np.array([len(ids) for ids, _ in encoded], dtype=np.int64),
-        input_ids=np.concatenate([ids for ids, _ in encoded]) if encoded else np.zeros(0, np.int64),
-        response=np.concatenate([r for _, r in encoded]) if encoded else np.zeros(0, bool),
+        lengths=np.array([len(e[0]) for e in encoded], dtype=np.int64),
+        input_ids=np.concatenate([e[0] for e in encoded]) if encoded else np.zeros(0, np.int64),
+        response=np.concatenate([e[1] for e in encoded]) if encoded else np.zeros(0, bool),
+        offsets=np.concatenate([e[2] for e in encoded]) if encoded else np.zeros((0, 2), np.int64),
         topk_ids=np.concatenate(ids_out) if ids_out else np.zeros((0, k), np.int32),
         topk_logits=np.concatenate(logits_out).astype(np.float32) if logits_out else np.zeros((0, k), np.float32),
         ce=np.array(ce_out, dtype=np.float32),
