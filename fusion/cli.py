@@ -118,8 +118,13 @@ def fuse(config, output, until, force, quiet, offline, cache_dir):
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
-    run_fuse(config, Path(output), until=until, force=force, offline=offline, cache_dir=cache_dir,
-             echo=(lambda _m: None) if quiet else click.echo)
+    try:
+        run_fuse(config, Path(output), until=until, force=force, offline=offline, cache_dir=cache_dir,
+                 echo=(lambda _m: None) if quiet else click.echo)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted; the stages finished so far are kept in {output} and a re-run resumes "
+                   f"from them", err=True)
+        sys.exit(130)
 
 
 @cli.command("plan")

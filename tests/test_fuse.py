@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from fusion.errors import ConfigError, FusionError
-from fusion.fuse.align import (EXACT, FALLBACK, MAPPED, VocabMap, dtw, edit_distance, one_to_one,
-                               pivot_index, surface_strings)
+from fusion.fuse.align import (EXACT, FALLBACK, MAPPED, VocabMap, align_tokens, dtw, edit_distance,
+                               one_to_one, pivot_index, surface_strings)
 from fusion.fuse.api import VocabContext
 from fusion.fuse.distributions import align, fuse, softmax_rows
 from fusion.fuse.represent import Representations
@@ -55,6 +55,32 @@ def test_banded_alignment_matches_the_full_one_on_long_sequences():
     full = dtw(words, split, band=10**9)
     assert banded == full
     assert len(one_to_one(banded)) == sum(len(w) <= 3 for w in words)
+
+
+def _offsets(tokens):
+    ends = np.cumsum([len(t) for t in tokens])
+    return np.stack([ends - [len(t) for t in tokens], ends], axis=1)
+
+
+@pytest.mark.parametrize("pivot,source", [
+    (["hel", "lo", " world", " again"], ["hello", " wor", "ld", " again"]),
+    (["<s>", "a", "bc", "d", "ef", "g"], ["a", "b", "cd", "e", "f", "g"]),
+    ([" the", " cat", " sat"], [" the", " cat", " sat"]),
+    (["x", "y"], ["xy"]),
+])
+def test_piecewise_alignment_equals_whole_sequence_alignment(pivot, source):
+    sa, sb = _offsets(pivot), _offsets(source)
+    if pivot[0] == "<s>":  # a special token with no characters, as tokenizers add them
+        sa = np.vstack([[0, 0], _offsets(pivot[1:])])
+    assert align_tokens(pivot, source, sa, sb) == dtw(pivot, source, spans_a=sa, spans_b=sb)
+
+
+def test_piecewise_alignment_keeps_identical_spans_one_to_one_and_handles_truncation():
+    pivot = ["ab", "c", "de", "f"]
+    source = ["a", "bc", "de", "f", "gh"]  # the pivot's text was cut short
+    pairs = one_to_one(align_tokens(pivot, source, _offsets(pivot), _offsets(source)))
+    # "ab"~"a" and "c"~"bc" pair up inside their piece; "de" shares its span; "f" also got "gh"
+    assert pairs == {0: 0, 1: 1, 2: 2}
 
 
 # -- token strings -----------------------------------------------------------------------------
@@ -188,6 +214,17 @@ def test_alignment_carries_source_distributions_to_one_to_one_positions():
     assert a.coverage["topk_tokens"]["dropped"] > 0
     gold = align(pivot, source, pt, st, alignments()["exact"], fallback="gold")
     assert list(gold.ids[0][:2]) == [0, -1]  # one-hot gold "bc"
+
+
+def test_one_to_one_pairs_after_different_text_fall_back():
+    pt, st = ["ab", "c", "d", "q"], ["a", "bc", "d"]
+    pivot = _reps(pt, [0, 1, 2], [False, True, True], [[3, 2]] * 3, [[1.0, 0.0]] * 3, [1.0])
+    source = _reps(st, [0, 1, 2], [False, True, True], [[2, 1]] * 3, [[1.0, 0.0]] * 3, [0.5])
+    a = align(pivot, source, pt, st, alignments()["exact"])
+    # "c" ~ "bc" are paired, but the pivot has read "ab" and the source only "a": fallback;
+    # "d" ~ "d" after "abc" on both sides: the source's prediction is carried
+    assert list(a.status[:2]) == [FALLBACK, EXACT]
+    assert list(a.ids[0][:2]) == [3, 2] and list(a.ids[1][:2]) == [2, -1]
 
 
 def test_fused_targets_min_ce_and_avg_ce_on_hand_computed_numbers():
@@ -403,7 +440,7 @@ def test_knowledge_transfer_through_aligned_distributions(case, tmp_path):
 
 
 @pytest.mark.slow
-def test_interrupted_run_resumes_from_the_representations(case, tmp_path, monkeypatch):
+def test_interrupted_run_resumes_from_the_representations(case, tmp_path, monkeypatch, capsys):
     from fuse_models import write_config
     from fusion.cli import main
     from fusion.fuse import train
@@ -420,6 +457,7 @@ def test_interrupted_run_resumes_from_the_representations(case, tmp_path, monkey
         with pytest.raises(SystemExit) as stop:
             main(["fuse", str(config), "-o", str(out), "-q"])
     assert stop.value.code == 130
+    assert "a re-run resumes" in capsys.readouterr().err
     cached = _mtimes(out / "cache")
     assert "represent-pivot.safetensors" in cached and "represent-source_b.safetensors" in cached
     assert not (out / "targets" / "pivot-source_b").exists()  # a target is complete or absent

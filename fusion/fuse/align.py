@@ -169,6 +169,44 @@ def _dtw(a, b, sa, sb, band: int | None) -> list[tuple[int, int]] | None:
     return path
 
 
+def align_tokens(a: Sequence[str], b: Sequence[str], spans_a: np.ndarray, spans_b: np.ndarray,
+                 band: int = 64) -> list[tuple[int, int]]:
+    """:func:`dtw` over the whole sequences, computed piecewise between the character positions
+    where both tokenizations have a token boundary.
+
+    Both sides cut the same text, so a common boundary splits any sensible alignment in two; a
+    token whose span both sides share is a piece of its own, aligned one-to-one at no cost. Only
+    the stretches where the tokenizations differ go through dynamic programming, which keeps
+    the work near-linear in the sequence length.
+    """
+    n, m = len(a), len(b)
+    if n == 0 or m == 0:
+        return []
+    ends_a, ends_b = np.asarray(spans_a)[:, 1], np.asarray(spans_b)[:, 1]
+    path: list[tuple[int, int]] = []
+    i0 = j0 = i = j = 0
+    while i < n and j < m:
+        if ends_a[i] == ends_b[j]:
+            if i == i0 and j == j0:
+                path.append((i, j))
+            else:
+                piece = dtw(a[i0:i + 1], b[j0:j + 1], band, spans_a[i0:i + 1], spans_b[j0:j + 1])
+                path += [(i0 + x, j0 + y) for x, y in piece]
+            i, j = i + 1, j + 1
+            i0, j0 = i, j
+        elif ends_a[i] < ends_b[j]:
+            i += 1
+        else:
+            j += 1
+    if i0 < n and j0 < m:
+        piece = dtw(a[i0:], b[j0:], band, spans_a[i0:], spans_b[j0:])
+        path += [(i0 + x, j0 + y) for x, y in piece]
+    elif i0 < n or j0 < m:  # leftovers on one side only (truncation): attach them to the last pair
+        last_i, last_j = path[-1]
+        path += [(x, last_j) for x in range(i0, n)] + [(last_i, y) for y in range(j0, m)]
+    return path
+
+
 def one_to_one(path: Sequence[tuple[int, int]]) -> dict[int, int]:
     """Pairs of the path whose tokens are aligned to nothing else: pivot index → source index."""
     count_a = Counter(i for i, _ in path)

@@ -2,8 +2,8 @@
 then fused with the pivot's own distribution per sequence by a fusion function.
 
 Position t of the pivot predicts pivot token t+1. When token t+1 is aligned one-to-one with
-source token j+1, the source's distribution at position j (the same text before it) is carried
-over, each top-k token mapped to a pivot token (or dropped); otherwise the position falls back
+source token j+1 and tokens t and j end at the same character (both have read the same text),
+the source's distribution at position j is carried over, each top-k token mapped to a pivot token (or dropped); otherwise the position falls back
 to the pivot's own distribution or the one-hot gold token.
 """
 
@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .align import EXACT, FALLBACK, MAPPED, STATUS_NAMES, VocabMap, dtw, one_to_one, pivot_index
+from .align import EXACT, FALLBACK, MAPPED, STATUS_NAMES, VocabMap, align_tokens, one_to_one, pivot_index
 from .api import Alignment, FusionFunction, VocabContext
 from .represent import Representations
 
@@ -53,7 +53,7 @@ def align(pivot: Representations, source: Representations, pivot_tokens: Sequenc
         p_ids, s_ids = pivot.input_ids[pivot.span(i)], source.input_ids[source.span(i)]
         a = [pivot_tokens[t] if t < len(pivot_tokens) else "" for t in p_ids]
         b = [source_tokens[t] if t < len(source_tokens) else "" for t in s_ids]
-        path = dtw(a, b, spans_a=pivot.offsets[pivot.span(i)], spans_b=source.offsets[source.span(i)])
+        path = align_tokens(a, b, pivot.offsets[pivot.span(i)], source.offsets[source.span(i)])
         pairs = one_to_one(path)
         paths.append(pairs)
         for pi, sj in pairs.items():
@@ -77,7 +77,9 @@ def align(pivot: Representations, source: Representations, pivot_tokens: Sequenc
         for t in range(len(p_ids) - 1):
             j = pairs.get(t + 1)
             row = base + t
-            if j is not None and j >= 1:
+            # carry the source's prediction only when both read the same text before it: a
+            # one-to-one pair such as "c" ~ "bc" after "ab" / "a" has different contexts
+            if j is not None and j >= 1 and pivot.offsets[base + t, 1] == source.offsets[ss.start + j - 1, 1]:
                 src = ss.start + j - 1
                 mapped = vmap.lookup(source.topk_ids[src])
                 seen, col = set(), 0
@@ -169,4 +171,6 @@ def fuse(pivot: Representations, aligned: Aligned, source_ce: np.ndarray, functi
 
 
 def targets_key(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+    from .. import __version__
+
+    return hashlib.sha256(json.dumps([__version__, *parts], sort_keys=True, default=str).encode()).hexdigest()

@@ -68,7 +68,9 @@ class Representations:
 
 
 def cache_key(model_fingerprint: str, examples: list[Example], top_k: int, max_length: int) -> str:
-    h = hashlib.sha256(json.dumps({"version": VERSION, "model": model_fingerprint, "top_k": top_k,
+    from .. import __version__
+
+    h = hashlib.sha256(json.dumps({"version": [VERSION, __version__], "model": model_fingerprint, "top_k": top_k,
                                    "max_length": max_length}).encode())
     for e in examples:
         h.update(json.dumps([e.text, e.spans, e.chat]).encode())
