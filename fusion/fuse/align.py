@@ -83,15 +83,19 @@ def surface_strings(tokenizer) -> list[str]:
     return strings
 
 
-def pair_cost(a: str, b: str, gap: int) -> int:
+def pair_cost(a: str, b: str, span_a: Sequence[int], span_b: Sequence[int]) -> int:
     """The cost of aligning two tokens: their edit distance beyond the difference in length (so a
-    piece of a split token costs nothing against the whole), plus ``gap``, how many characters
-    apart the two tokens lie in the text (0 when they overlap or touch).
+    piece of a split token costs nothing against the whole), plus the characters of the shorter
+    span that the other does not cover, plus how far apart the spans lie.
 
     Plain edit distance makes dynamic time warping prefer the diagonal: it pairs "lo" with " wor"
     rather than aligning both "hel" and "lo" to "hello", which would carry a wrong distribution.
+    The span terms keep a token from pairing with a neighbour whose letters it happens to contain.
     """
-    return edit_distance(a, b) - abs(len(a) - len(b)) + gap
+    overlap = max(0, min(span_a[1], span_b[1]) - max(span_a[0], span_b[0]))
+    shorter = min(span_a[1] - span_a[0], span_b[1] - span_b[0])
+    gap = max(0, max(span_a[0], span_b[0]) - min(span_a[1], span_b[1]))
+    return edit_distance(a, b) - abs(len(a) - len(b)) + max(0, shorter - overlap) + gap
 
 
 def dtw(a: Sequence[str], b: Sequence[str], band: int = 64, spans_a: np.ndarray | None = None,
@@ -137,8 +141,7 @@ def _dtw(a, b, sa, sb, band: int | None) -> list[tuple[int, int]] | None:
         row_prev = cost[i - 1] if i else None
         row = cost[i]
         for j in cells:
-            gap = max(0, max(sa[i, 0], sb[j, 0]) - min(sa[i, 1], sb[j, 1]))
-            c = pair_cost(a[i], b[j], int(gap))
+            c = pair_cost(a[i], b[j], sa[i], sb[j])
             if i == 0 and j == 0:
                 row[j] = c
                 continue
