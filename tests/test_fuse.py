@@ -344,7 +344,8 @@ def test_without_transformers_fuse_says_how_to_install_and_merge_still_works(tmp
     fused = subprocess.run([sys.executable, "-c", script, "fuse", "fuse.yaml", "-o", "fused"],
                            cwd=tmp_path, capture_output=True, text=True)
     assert fused.returncode == 1
-    assert fused.stderr.strip() == "error: `fusion fuse` needs transformers; install it with: pip install 'fusion[fuse]'"
+    assert fused.stderr.strip() == ("error: `fusion fuse` needs transformers; install it with: "
+                                    "pip install 'fusion[fuse]'")
     assert not (tmp_path / "fused").exists()
 
 

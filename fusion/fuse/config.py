@@ -72,7 +72,8 @@ def load_fuse_config(path: str | Path) -> FuseConfig:
 def _number(value: Any, kind: type, path: str, lines: Mapping[str, int], *, minimum: float | None = None,
             maximum: float | None = None, positive: bool = False) -> Any:
     line = lines.get(path)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            kind is int and not float(value).is_integer()):
         raise ConfigError(path, f"must be {'an integer' if kind is int else 'a number'}, not {value!r}", line)
     value = kind(value)
     if positive and value <= 0:

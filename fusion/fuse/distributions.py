@@ -3,8 +3,9 @@ then fused with the pivot's own distribution per sequence by a fusion function.
 
 Position t of the pivot predicts pivot token t+1. When token t+1 is aligned one-to-one with
 source token j+1 and tokens t and j end at the same character (both have read the same text),
-the source's distribution at position j is carried over, each top-k token mapped to a pivot token (or dropped); otherwise the position falls back
-to the pivot's own distribution or the one-hot gold token.
+the source's distribution at position j is carried over, each top-k token mapped to a pivot
+token (or dropped); otherwise the position falls back to the pivot's own distribution or the
+one-hot gold token.
 """
 
 from __future__ import annotations

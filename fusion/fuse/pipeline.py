@@ -2,8 +2,7 @@
 
 Every stage's product is keyed by everything it depends on and written atomically, so a re-run
 of an interrupted (or finished) run reuses what is already there and redoes only the rest.
-Under torchrun, process 0 does the representations, fusion, merge and report; every process
-trains.
+Under torchrun, process 0 scores the data, fuses, merges and reports; every process trains.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ import json
 import re
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,279 +39,346 @@ def unique_names(references: list[str]) -> list[str]:
     return names
 
 
-def _check_output(output: Path, folders: list[tuple[str, Path]]) -> None:
-    out = output.absolute().resolve()
-    for label, folder in folders:
-        folder = folder.resolve()
-        if out == folder or folder in out.parents or out in folder.parents:
-            raise FusionError(f"output folder {output} overlaps the model {label}; "
-                              f"inputs are never modified: choose another -o")
+@dataclass
+class Model:
+    label: str  # where the config names it: "pivot", "sources[1]"
+    reference: str
+    folder: Path
+    name: str  # file-system name: targets/<pivot>-<source>, cache/represent-<name>
+    tokenizer: Any = None
+    key: str = ""  # of its representations
 
 
-def _free() -> None:
-    gc.collect()
+@dataclass
+class Run:
+    config: FuseConfig
+    output: Path
+    pivot: Model
+    sources: list[Model]
+    train_set: list
+    heldout: list
+    device: str
+    rank: int
+    size: int
+    say: Callable[[str], None]
+    report: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def lead(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def cache(self) -> Path:
+        return self.output / "cache"
+
+    @property
+    def score_dtype(self) -> str:
+        # float32 on CPU (bf16 matmuls are slow there); the training dtype on GPUs, for memory
+        return self.config.training.dtype if self.device.startswith("cuda") else "float32"
+
+    def stage(self, name: str, started: float, **extra: Any) -> None:
+        self.report["stages"][name] = {"seconds": time.perf_counter() - started, **extra}
 
 
 def run_fuse(config_path: str | Path, output: Path, *, until: str | None = None, force: bool = False,
              offline: bool = False, cache_dir: str | None = None,
              echo: Callable[[str], None] = print) -> dict[str, Any] | None:
     """Run (or resume) pairwise fusion; returns the report on process 0, None on the others."""
-    from . import models, train
+    from . import train
     from .models import transformers
 
     transformers()  # fail early, with the install hint, when the extra is missing
     if until is not None and until not in STAGES:
         raise FusionError(f"--until {until!r} is unknown; use one of {', '.join(STAGES)}")
-    config = load_fuse_config(config_path)
-    distributed = train.init_distributed()
-    rank, size = train.world()
-    lead = rank == 0
-    say = echo if lead else (lambda _msg: None)
     started = time.perf_counter()
-    stages: dict[str, dict[str, Any]] = {}
+    config = load_fuse_config(config_path)
+    train.init_distributed()
+    run = _open(config, Path(output), force, ResolveOptions(base_dir=config.base_dir, offline=offline,
+                                                            cache_dir=cache_dir), echo)
+    _represent(run)
+    if until != "represent":
+        _fuse(run)
+    if until not in ("represent", "fuse"):
+        _train(run)
+    if not run.lead:
+        return None
+    merged = None
+    if until is None or until == "merge":
+        merged = _merge(run)
+    if until not in ("represent", "fuse"):
+        _evaluate(run, merged)
+    return _finish(run, started)
 
-    # resolve: the same folders on every process (process 0 first, so a download happens once)
-    options = ResolveOptions(base_dir=config.base_dir, offline=offline, cache_dir=cache_dir)
-    if not lead:
-        train.barrier()
-    pivot_dir = resolve(config.pivot, options, "pivot")
-    source_dirs = [resolve(ref, options, f"sources[{i}].model") for i, ref in enumerate(config.sources)]
-    if lead:
-        train.barrier()
-    names = unique_names([config.pivot] + config.sources)
-    pivot_name, source_names = names[0], names[1:]
-    _check_output(output, [("pivot", pivot_dir)] + [(f"sources[{i}]", d) for i, d in enumerate(source_dirs)])
-    cache = output / "cache"
-    if lead:
-        if force and output.exists():
-            for sub in ("cache", "targets", "merged"):
-                shutil.rmtree(output / sub, ignore_errors=True)
-        cache.mkdir(parents=True, exist_ok=True)
-        (output / "targets").mkdir(exist_ok=True)
-    train.barrier()
 
+def _open(config: FuseConfig, output: Path, force: bool, options: ResolveOptions, echo) -> Run:
+    """Resolve the models (process 0 first, so a download happens once), load tokenizers and data."""
+    from . import models, train
     from .data import load_examples, split
 
-    pivot_tok = models.load_tokenizer(pivot_dir, "pivot")
-    source_toks = [models.load_tokenizer(d, f"sources[{i}]") for i, d in enumerate(source_dirs)]
-    examples = load_examples(config.data, pivot_tok)
+    rank, size = train.world()
+    if rank:
+        train.barrier()
+    refs = [("pivot", config.pivot)] + [(f"sources[{i}].model", r) for i, r in enumerate(config.sources)]
+    folders = [resolve(ref, options, where) for where, ref in refs]
+    if not rank:
+        train.barrier()
+    names = unique_names([r for _, r in refs])
+    entries = [Model(where.removesuffix(".model"), ref, folder, name)
+               for (where, ref), folder, name in zip(refs, folders, names)]
+    out = output.absolute().resolve()
+    for m in entries:
+        folder = m.folder.resolve()
+        if out == folder or folder in out.parents or out in folder.parents:
+            raise FusionError(f"output folder {output} overlaps the model {m.label} ({m.reference}); "
+                              f"inputs are never modified: choose another -o")
+    if not rank:
+        if force:
+            for sub in ("cache", "targets", "merged"):
+                shutil.rmtree(output / sub, ignore_errors=True)
+        (output / "cache").mkdir(parents=True, exist_ok=True)
+        (output / "targets").mkdir(exist_ok=True)
+    train.barrier()
+    for m in entries:
+        m.tokenizer = models.load_tokenizer(m.folder, m.label)
+    pivot, sources = entries[0], entries[1:]
+    examples = load_examples(config.data, pivot.tokenizer)
     if config.eval_data is not None:
-        train_set, heldout = examples, load_examples(config.eval_data, pivot_tok)
+        train_set, heldout = examples, load_examples(config.eval_data, pivot.tokenizer)
     else:
         train_set, heldout = split(examples, config.eval_fraction, config.training.seed)
-    device = models.device()
-    reps_cfg = config.representations
-    report: dict[str, Any] = {
-        "pivot": {"reference": config.pivot, "path": str(pivot_dir), "name": pivot_name},
-        "sources": [{"reference": r, "path": str(d), "name": n}
-                    for r, d, n in zip(config.sources, source_dirs, source_names)],
+    quiet = lambda _m: None  # noqa: E731  (only process 0 talks)
+    run = Run(config, output, pivot, sources, train_set, heldout, models.device(), rank, size,
+              quiet if rank else echo)
+    run.report = {
+        "pivot": {"reference": pivot.reference, "path": str(pivot.folder), "name": pivot.name},
+        "sources": [{"reference": s.reference, "path": str(s.folder), "name": s.name} for s in sources],
         "data": {"file": str(config.data), "train": len(train_set), "heldout": len(heldout)},
         "alignment_method": config.alignment, "fallback": config.fallback,
         "fusion_function": config.fusion_function, "training_config": asdict(config.training),
         "merge": {"method": config.merge_method, "parameters": config.merge_parameters},
-        "processes": size, "device": device, "stages": stages, "notes": [], "output": str(output),
+        "processes": size, "device": run.device, "stages": {}, "notes": [], "output": str(output),
         "outputs": [], "config": config.text,
     }
+    return run
 
-    # 1. representations
+
+def _represent(run: Run) -> None:
+    """Stage 1: every model's top-k logits and sequence cross-entropies over the data."""
+    from . import models, train
     from .represent import Representations, cache_key, compute
 
     t0 = time.perf_counter()
-    keys, reused = [], 0
-    for label, folder, tok, name in [("pivot", pivot_dir, pivot_tok, pivot_name)] + [
-            (f"sources[{i}]", d, t, n) for i, (d, t, n) in enumerate(zip(source_dirs, source_toks, source_names))]:
-        key = cache_key(models.fingerprint(folder), train_set, reps_cfg.top_k, reps_cfg.max_length)
-        keys.append(key)
-        path = cache / f"represent-{name}.safetensors"
-        if not lead:
+    cfg = run.config.representations
+    reused = 0
+    for m in [run.pivot] + run.sources:
+        m.key = cache_key(models.fingerprint(m.folder), run.train_set, cfg.top_k, cfg.max_length)
+        path = run.cache / f"represent-{m.name}.safetensors"
+        if not run.lead:
             continue
-        if Representations.load(path, key) is not None:
+        if Representations.load(path, m.key) is not None:
             reused += 1
             continue
-        say(f"representations: {label} ({len(train_set)} sequences)")
-        model = models.load_model(folder, label, "float32", device)
-        reps = compute(model, tok, train_set, top_k=reps_cfg.top_k, max_length=reps_cfg.max_length,
-                       batch_size=reps_cfg.batch_size, device=device)
-        reps.save(path, key)
-        del model, reps
-        _free()
-    stages["represent"] = {"seconds": time.perf_counter() - t0, "reused": reused,
-                           "computed": len(keys) - reused,
-                           "note": f"{len(keys) - reused} computed, {reused} reused"}
+        run.say(f"representations: {m.label} {m.reference} ({len(run.train_set)} sequences)")
+        model = models.load_model(m.folder, m.label, run.score_dtype, run.device)
+        compute(model, m.tokenizer, run.train_set, top_k=cfg.top_k, max_length=cfg.max_length,
+                batch_size=cfg.batch_size, device=run.device).save(path, m.key)
+        del model
+        gc.collect()
+    total = 1 + len(run.sources)
+    run.stage("represent", t0, computed=total - reused, reused=reused,
+              note=f"{total - reused} computed, {reused} reused")
     train.barrier()
-    if until == "represent":
-        return _finish(report, output, started, lead, say)
 
-    # 2. alignment and fused target distributions
+
+def _load_reps(run: Run, m: Model):
+    from .represent import Representations
+
+    reps = Representations.load(run.cache / f"represent-{m.name}.safetensors", m.key)
+    if reps is None:
+        raise FusionError(f"the cached representations of {m.label} in {run.cache} disappeared during the run; "
+                          f"run the command again")
+    return reps
+
+
+def _fused_key(run: Run, s: Model) -> str:
+    from .distributions import targets_key
+
+    c = run.config
+    return targets_key("fused", run.pivot.key, s.key, c.alignment, c.fallback, c.fusion_function)
+
+
+def _fuse(run: Run) -> None:
+    """Stage 2: align each source's distributions to the pivot and fuse them per sequence."""
     from ..plugins import alignments, fusion_functions
+    from . import train
     from .align import surface_strings
-    from .distributions import FusedTargets, align, fuse, targets_key
+    from .distributions import FusedTargets, align, fuse
 
     t0 = time.perf_counter()
-    pivot_reps = Representations.load(cache / f"represent-{pivot_name}.safetensors", keys[0])
-    pivot_tokens = surface_strings(pivot_tok)
-    fused_keys, reused = [], 0
-    report["alignment"], report["fusion"] = {}, {}
-    for i, (name, tok) in enumerate(zip(source_names, source_toks)):
-        key = targets_key("fused", keys[0], keys[i + 1], config.alignment, config.fallback, config.fusion_function)
-        fused_keys.append(key)
-        path, info_path = cache / f"fused-{name}.safetensors", cache / f"fused-{name}.json"
-        if not lead:
+    c = run.config
+    reused = 0
+    run.report["alignment"], run.report["fusion"] = {}, {}
+    pivot_reps = pivot_tokens = None
+    for s in run.sources:
+        if not run.lead:
             continue
+        key = _fused_key(run, s)
+        path, info_path = run.cache / f"fused-{s.name}.safetensors", run.cache / f"fused-{s.name}.json"
         info = json.loads(info_path.read_text()) if info_path.is_file() else {}
         if info.get("key") == key and FusedTargets.load(path, key) is not None:
             reused += 1
         else:
-            say(f"alignment and fusion: {name}")
-            source_reps = Representations.load(cache / f"represent-{name}.safetensors", keys[i + 1])
-            aligned = align(pivot_reps, source_reps, pivot_tokens, surface_strings(tok),
-                            alignments()[config.alignment], config.fallback)
-            fused = fuse(pivot_reps, aligned, source_reps.ce, fusion_functions()[config.fusion_function])
+            run.say(f"alignment and fusion: {s.label} {s.reference}")
+            if pivot_reps is None:
+                pivot_reps, pivot_tokens = _load_reps(run, run.pivot), surface_strings(run.pivot.tokenizer)
+            source_reps = _load_reps(run, s)
+            aligned = align(pivot_reps, source_reps, pivot_tokens, surface_strings(s.tokenizer),
+                            alignments()[c.alignment], c.fallback)
+            fused = fuse(pivot_reps, aligned, source_reps.ce, fusion_functions()[c.fusion_function])
             w = fused.weights
             info = {"key": key, "coverage": aligned.coverage, "fusion": {
                 "pivot_chosen": int((w[:, 0] >= w[:, 1]).sum()), "source_chosen": int((w[:, 1] > w[:, 0]).sum()),
                 "source_weight_mean": float(w[:, 1].mean()) if len(w) else 0.0}}
             fused.save(path, key)
             info_path.write_text(json.dumps(info, indent=2))
-        report["alignment"][name] = info["coverage"]
-        report["fusion"][name] = info["fusion"]
-    stages["fuse"] = {"seconds": time.perf_counter() - t0, "note": f"{len(fused_keys) - reused} computed, "
-                                                                      f"{reused} reused"}
+        run.report["alignment"][s.name] = info["coverage"]
+        run.report["fusion"][s.name] = info["fusion"]
+    total = len(run.sources)
+    run.stage("fuse", t0, note=f"{total - reused} computed, {reused} reused")
     train.barrier()
-    if until == "fuse":
-        return _finish(report, output, started, lead, say)
 
-    # 3. distillation of each source into a copy of the pivot
+
+def _target(run: Run, s: Model) -> Path:
+    return run.output / "targets" / f"{run.pivot.name}-{s.name}"
+
+
+def _train(run: Run) -> None:
+    """Stage 3: distil each source's fused targets into a copy of the pivot (on every process)."""
+    import torch
+
     from ..engine import SIDE_FILES
     from ..writer import atomic_folder
+    from . import models, train
+    from .distributions import FusedTargets, targets_key
     from .report import target_card
 
     t0 = time.perf_counter()
-    if pivot_reps is None:
-        pivot_reps = Representations.load(cache / f"represent-{pivot_name}.safetensors", keys[0])
-    report["training"] = {}
-    target_dirs, reused = [], 0
-    tcfg = config.training
-    pad = pivot_tok.pad_token_id if pivot_tok.pad_token_id is not None else 0
-    for i, name in enumerate(source_names):
-        target = output / "targets" / f"{pivot_name}-{name}"
-        target_dirs.append(target)
-        key = targets_key("target", fused_keys[i], asdict(tcfg), size)
+    c, tcfg = run.config, run.config.training
+    pad = run.pivot.tokenizer.pad_token_id if run.pivot.tokenizer.pad_token_id is not None else 0
+    run.report["training"] = {}
+    reused = 0
+    pivot_reps = None
+    for i, s in enumerate(run.sources):
+        target = _target(run, s)
+        fused_key = _fused_key(run, s)
+        key = targets_key("target", fused_key, asdict(tcfg), run.size)
         record = target / "fuse.json"
         done = json.loads(record.read_text()) if record.is_file() else {}
         if done.get("key") == key:
             reused += 1
-            report["training"][name] = {"curve": done["curve"], "reused": True}
+            run.report["training"][s.name] = {"curve": done["curve"], "reused": True}
             continue
-        say(f"training: {pivot_name} on {name} ({tcfg.epochs} epoch(s), {size} process(es))")
-        fused = FusedTargets.load(cache / f"fused-{name}.safetensors", fused_keys[i])
-        model = models.load_model(pivot_dir, "pivot", "float32", device)
-        curve = train.distil(model, pivot_reps, fused, tcfg, device, pad_id=pad)
-        if lead:
-            import torch
-
+        run.say(f"training: {run.pivot.name} on {s.name} ({tcfg.epochs} epoch(s), {run.size} process(es))")
+        if pivot_reps is None:
+            pivot_reps = _load_reps(run, run.pivot)
+        fused = FusedTargets.load(run.cache / f"fused-{s.name}.safetensors", fused_key)
+        if fused is None:
+            raise FusionError(f"the fused targets of {s.label} are missing from {run.cache}; run the command again")
+        model = models.load_model(run.pivot.folder, "pivot", "float32", run.device)
+        curve = train.distil(model, pivot_reps, fused, tcfg, run.device, pad_id=pad)
+        if run.lead:
             model.to(getattr(torch, tcfg.dtype))
             with atomic_folder(target, force=True) as tmp:
                 model.save_pretrained(tmp)
                 for side in SIDE_FILES:
-                    if side != "generation_config.json" and (pivot_dir / side).is_file():
-                        shutil.copyfile(pivot_dir / side, tmp / side)
-                (tmp / "README.md").write_text(target_card(config.pivot, config.sources[i], config.text,
-                                                           asdict(tcfg), config.alignment, config.fusion_function))
+                    if side != "generation_config.json" and (run.pivot.folder / side).is_file():
+                        shutil.copyfile(run.pivot.folder / side, tmp / side)
+                (tmp / "README.md").write_text(target_card(run.pivot.reference, s.reference, c.text, asdict(tcfg),
+                                                           c.alignment, c.fusion_function))
                 (tmp / "fuse.json").write_text(json.dumps({"key": key, "curve": curve}, indent=2) + "\n")
-        report["training"][name] = {"curve": curve, "reused": False}
+        run.report["training"][s.name] = {"curve": curve, "reused": False}
         del model, fused
-        _free()
+        gc.collect()
         train.barrier()
-    stages["train"] = {"seconds": time.perf_counter() - t0, "note": f"{len(target_dirs) - reused} trained, "
-                                                                       f"{reused} reused"}
-    if not lead:
-        return None
-    report["outputs"] += [str(d.relative_to(output)) for d in target_dirs]
-    if until == "train":
-        return _finish(report, output, started, lead, say, heldout=(heldout, pivot_dir, target_dirs, None, config))
-
-    # 4. merge the targets in parameter space
-    t0 = time.perf_counter()
-    merged = _merge(config, pivot_dir, target_dirs, output, report)
-    stages["merge"] = {"seconds": time.perf_counter() - t0}
-    return _finish(report, output, started, lead, say, heldout=(heldout, pivot_dir, target_dirs, merged, config))
+    total = len(run.sources)
+    run.stage("train", t0, note=f"{total - reused} trained, {reused} reused")
+    run.report["outputs"] += [str(_target(run, s).relative_to(run.output)) for s in run.sources]
 
 
-def _merge(config: FuseConfig, pivot_dir: Path, target_dirs: list[Path], output: Path,
-           report: dict[str, Any]) -> Path | None:
+def _merge(run: Run) -> Path | None:
+    """Stage 4: merge the targets with the configured strategy, the pivot as base."""
+    import yaml
+
     from ..config import parse_config
     from ..engine import run_merge
     from ..plan import build_plan
     from ..plugins import get_strategy
     from .report import merged_note
 
-    strategy = get_strategy(config.merge_method)
-    if len(target_dirs) < 2 and strategy.base != "unused":
-        report["notes"].append("one source, so there is nothing to merge: the target is the result")
+    t0 = time.perf_counter()
+    c = run.config
+    strategy = get_strategy(c.merge_method)
+    targets = [_target(run, s) for s in run.sources]
+    if len(targets) < 2 and strategy.base != "unused":
+        run.report["notes"].append("one source, so there is nothing to merge: the target is the result")
+        run.stage("merge", t0, note="skipped")
         return None
-    import yaml
-
-    doc: dict[str, Any] = {"merge_method": config.merge_method}
+    doc: dict[str, Any] = {"merge_method": c.merge_method}
     if strategy.base != "unused":
-        doc["base_model"] = str(pivot_dir.resolve())
-    doc["models"] = [{"model": str(d.resolve())} for d in target_dirs]
-    if config.merge_parameters:
-        doc["parameters"] = config.merge_parameters
-    text = yaml.safe_dump(doc, sort_keys=False)
-    plan = build_plan(parse_config(text), ResolveOptions(base_dir=output, offline=True))
-    merged = output / "merged"
+        doc["base_model"] = str(run.pivot.folder.resolve())
+    doc["models"] = [{"model": str(t.resolve())} for t in targets]
+    if c.merge_parameters:
+        doc["parameters"] = c.merge_parameters
+    plan = build_plan(parse_config(yaml.safe_dump(doc, sort_keys=False)),
+                      ResolveOptions(base_dir=run.output, offline=True))
+    merged = run.output / "merged"
     try:
         summary = run_merge(plan, merged, force=True, progress=False)
     finally:
         plan.close()
     card = merged / "README.md"
     if card.is_file():
-        card.write_text(card.read_text() + merged_note([str(d.relative_to(output)) for d in target_dirs]))
-    report["outputs"].append("merged")
-    report["merge"]["tensors"] = {"merged": summary.merged, "carried": summary.carried}
+        card.write_text(card.read_text() + merged_note([str(t.relative_to(run.output)) for t in targets]))
+    run.report["outputs"].append("merged")
+    run.report["merge"]["tensors"] = {"merged": summary.merged, "carried": summary.carried}
+    run.stage("merge", t0)
     return merged
 
 
-def _finish(report: dict[str, Any], output: Path, started: float, lead: bool, say,
-            heldout=None) -> dict[str, Any] | None:
-    from .report import plot, write_report
-
-    if not lead:
-        return None
-    if heldout is not None:
-        t0 = time.perf_counter()
-        report["heldout_loss"] = _evaluate(*heldout)
-        report["stages"]["evaluate"] = {"seconds": time.perf_counter() - t0}
-    if report.get("training") and plot(report, output / "loss.png"):
-        report["outputs"].append("loss.png")
-    report["seconds"] = time.perf_counter() - started
-    report["outputs"] += ["report.json", "report.md"]
-    say(write_report(report, output))
-    return report
-
-
-def _evaluate(examples, pivot_dir: Path, target_dirs: list[Path], merged: Path | None,
-              config: FuseConfig) -> dict[str, Any]:
+def _evaluate(run: Run, merged: Path | None) -> None:
+    """Held-out loss of the pivot, every target and the merged model."""
     from . import models
     from .train import heldout_loss
 
-    if not examples:
-        return {}
-    device = models.device()
-    tok = models.load_tokenizer(pivot_dir, "pivot")
-    args = (tok, examples, config.representations.max_length, config.representations.batch_size, device)
+    if not run.heldout:
+        run.report["notes"].append("no held-out data, so no held-out loss (set eval_data)")
+        return
+    t0 = time.perf_counter()
+    cfg = run.config.representations
 
     def loss(folder: Path, label: str) -> float | None:
-        model = models.load_model(folder, label, "float32", device)
-        value = heldout_loss(model, *args)
+        model = models.load_model(folder, label, run.score_dtype, run.device)
+        value = heldout_loss(model, run.pivot.tokenizer, run.heldout, cfg.max_length, cfg.batch_size, run.device)
         del model
-        _free()
+        gc.collect()
         return value
 
-    out: dict[str, Any] = {"pivot": loss(pivot_dir, "pivot"),
-                           "targets": {d.name: loss(d, d.name) for d in target_dirs}}
+    held: dict[str, Any] = {"pivot": loss(run.pivot.folder, "pivot"), "targets": {}}
+    for s in run.sources:
+        target = _target(run, s)
+        held["targets"][target.name] = loss(target, target.name)
     if merged is not None:
-        out["merged"] = loss(merged, "merged")
-    return out
+        held["merged"] = loss(merged, "merged")
+    run.report["heldout_loss"] = held
+    run.stage("evaluate", t0)
 
+
+def _finish(run: Run, started: float) -> dict[str, Any]:
+    from .report import plot, write_report
+
+    if run.report.get("training") and plot(run.report, run.output / "loss.png"):
+        run.report["outputs"].append("loss.png")
+    run.report["seconds"] = time.perf_counter() - started
+    run.report["outputs"] += ["report.json", "report.md"]
+    run.say(write_report(run.report, run.output))
+    return run.report
