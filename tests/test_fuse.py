@@ -546,3 +546,42 @@ def register_fusion_functions(register):
         assert (info.alignments, info.fusion_functions) == (["lowercase"], ["source_only"])
     finally:
         pm.reset()
+
+
+def test_representations_match_the_model(case):
+    """Top-k ids/logits are the model's, and the sequence CE is transformers' own masked loss."""
+    import torch
+
+    from fusion.fuse import models
+    from fusion.fuse.data import encode, load_examples
+    from fusion.fuse.represent import compute
+
+    tok = models.load_tokenizer(case / "source_b", "source_b")
+    model = models.load_model(case / "source_b", "source_b")
+    examples = load_examples(case / "heldout.jsonl", models.load_tokenizer(case / "pivot", "pivot"))[:5]
+    reps = compute(model, tok, examples, top_k=4, max_length=64, batch_size=3, device="cpu")
+    assert len(reps) == 5 and reps.topk_ids.shape == (int(reps.lengths.sum()), 4)
+    for i, e in enumerate(examples):
+        ids, response = encode(tok, e, 64)
+        assert (reps.input_ids[reps.span(i)] == ids).all() and (reps.response[reps.span(i)] == response).all()
+        x = torch.from_numpy(ids)[None]
+        with torch.no_grad():
+            out = model(input_ids=x, labels=x.masked_fill(~torch.from_numpy(response)[None], -100))
+        assert reps.ce[i] == pytest.approx(float(out.loss), rel=1e-4)
+        top = out.logits[0].topk(4, -1)
+        assert (reps.topk_ids[reps.span(i)] == top.indices.numpy()).all()
+        assert np.allclose(reps.topk_logits[reps.span(i)], top.values.numpy(), atol=1e-4)
+
+
+def test_cli_reports_a_bad_fuse_config_in_one_sentence(tmp_path, capsys):
+    from fusion.cli import main
+
+    (tmp_path / "d.jsonl").write_text('{"text": "hi"}\n')
+    (tmp_path / "fuse.yaml").write_text("pivot: ./p\nsources: [./s]\ndata: d.jsonl\n"
+                                        "training:\n  learning_rate: fast\n")
+    with pytest.raises(SystemExit) as stop:
+        main(["fuse", str(tmp_path / "fuse.yaml"), "-o", str(tmp_path / "out")])
+    assert stop.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "error: training.learning_rate (line 5): must be a number, not 'fast'"
+    assert not (tmp_path / "out").exists()

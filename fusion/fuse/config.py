@@ -17,7 +17,7 @@ DEFAULT_SCE = {"select_topk": 0.1, "select_scope": "weights"}
 
 
 @dataclass
-class Representations:
+class RepresentationSettings:
     top_k: int = 10
     max_length: int = 2048
     batch_size: int = 8
@@ -43,7 +43,7 @@ class FuseConfig:
     data: Path
     eval_data: Path | None = None
     eval_fraction: float = 0.1
-    representations: Representations = field(default_factory=Representations)
+    representations: RepresentationSettings = field(default_factory=RepresentationSettings)
     alignment: str = "statistics"
     fallback: str = "pivot"  # what an unaligned position learns from: "pivot" or "gold"
     fusion_function: str = "min_ce"
@@ -158,7 +158,7 @@ def parse_fuse_config(text: str, source: Path | None = None) -> FuseConfig:
     def number(v, p, **kw):
         return _number(v, float, p, lines, **kw)
 
-    reps = _section(data, "representations", Representations, lines, {
+    reps = _section(data, "representations", RepresentationSettings, lines, {
         "top_k": lambda v, p: integer(v, p, positive=True),
         "max_length": lambda v, p: integer(v, p, minimum=2, maximum=1 << 20),
         "batch_size": lambda v, p: integer(v, p, positive=True),

@@ -96,20 +96,23 @@ def compute(model, tokenizer, examples: list[Example], *, top_k: int, max_length
             for r, (seq, *_) in enumerate(batch):
                 ids[r, :len(seq)] = torch.from_numpy(seq)
                 mask[r, :len(seq)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
             values, indices = logits.topk(k, dim=-1)
-            logp = torch.log_softmax(logits, dim=-1)
             for r, (seq, response, _) in enumerate(batch):
                 n = len(seq)
                 ids_out.append(indices[r, :n].to("cpu", torch.int32).numpy())
-                logits_out.append(values[r, :n].cpu().numpy())
+                logits_out.append(values[r, :n].float().cpu().numpy())
                 targets = torch.from_numpy(response[1:])
                 if n > 1 and bool(targets.any()):
+                    # one sequence at a time in float32: no batch-sized copy of the vocabulary axis
+                    lg = logits[r, : n - 1].float()
                     gold = torch.from_numpy(seq[1:]).to(device)
-                    nll = -logp[r, : n - 1].gather(-1, gold[:, None])[:, 0].cpu()
+                    nll = (torch.logsumexp(lg, -1) - lg.gather(-1, gold[:, None])[:, 0]).cpu()
                     ce_out.append(float(nll[targets].mean()))
+                    del lg
                 else:
                     ce_out.append(float("nan"))
+            del logits
             if progress is not None:
                 progress(len(batch))
     return Representations(
