@@ -104,10 +104,12 @@ def merge(config, output, dry_run, force, kernel, threads, shard_size, no_card, 
 @click.option("--until", type=click.Choice(["represent", "fuse", "train", "merge"]), default=None,
               help="Stop after this stage (a later run resumes from it).")
 @click.option("--force", is_flag=True, help="Discard cached representations and targets and redo everything.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads per process for scoring and training.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages or summary.")
 @_offline
 @_cache_dir
-def fuse(config, output, until, force, quiet, offline, cache_dir):
+def fuse(config, output, until, force, threads, quiet, offline, cache_dir):
     """Pairwise knowledge fusion (FuseChat): distil each source into the pivot, then merge.
 
     Run it with `torchrun --nproc_per_node N -m fusion fuse ...` to train on N processes or GPUs.
@@ -118,6 +120,10 @@ def fuse(config, output, until, force, quiet, offline, cache_dir):
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     try:
         run_fuse(config, Path(output), until=until, force=force, offline=offline, cache_dir=cache_dir,
                  echo=(lambda _m: None) if quiet else click.echo)

@@ -28,7 +28,7 @@ def summary(report: dict[str, Any]) -> str:
     lines = [f"fusion fuse: pivot {report['pivot']['reference']}, {len(report['sources'])} source(s), "
              f"{report['data']['train']} training / {report['data']['heldout']} held-out sequences"]
     lines.append("")
-    lines.append("stage        seconds  ")
+    lines.append("stage        seconds")
     for name, stage in report["stages"].items():
         note = stage.get("note", "")
         lines.append(f"  {name:<10} {stage['seconds']:8.2f}  {note}".rstrip())
@@ -63,7 +63,7 @@ def summary(report: dict[str, Any]) -> str:
             lines.append(f"  {'merged':<40} {_loss(held['merged'])}")
     lines += [""] + [f"note: {n}" for n in report.get("notes", [])]
     lines.append(f"wrote {report['output']}: " + ", ".join(report["outputs"]))
-    return "\n".join(l for l in lines).replace("\n\n\n", "\n\n")
+    return "\n".join(line.rstrip() for line in lines).replace("\n\n\n", "\n\n")
 
 
 def plot(report: dict[str, Any], path: Path) -> bool:
