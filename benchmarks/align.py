@@ -16,7 +16,8 @@ import time
 
 import numpy as np
 
-from fusion.fuse.align import align_tokens, dtw, edit_distance
+from fusion.fuse.align import align_tokens, dtw
+from fusion.fuse.tokens import edit_distance
 
 
 def tokenizations(n: int, split: float, rng: random.Random) -> tuple[list[str], list[str]]:

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from fusion.errors import ConfigError, FusionError
-from fusion.fuse.align import (EXACT, FALLBACK, MAPPED, VocabMap, align_tokens, dtw, edit_distance,
-                               one_to_one, pivot_index, surface_strings)
+from fusion.fuse.align import EXACT, FALLBACK, MAPPED, VocabMap, align_tokens, dtw, one_to_one
+from fusion.fuse.tokens import edit_distance, pivot_index, surface_strings
 from fusion.fuse.api import VocabContext
 from fusion.fuse.distributions import align, fuse, softmax_rows
 from fusion.fuse.represent import Representations
@@ -585,3 +585,21 @@ def test_cli_reports_a_bad_fuse_config_in_one_sentence(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err == "error: training.learning_rate (line 5): must be a number, not 'fast'"
     assert not (tmp_path / "out").exists()
+
+
+def test_help_and_plugins_stay_light():
+    code = """
+import sys
+from fusion.cli import main
+main(["plugins"])
+try:
+    main(["fuse", "--help"])
+except SystemExit:
+    pass
+heavy = [m for m in ("torch", "transformers", "numpy") if m in sys.modules]
+assert not heavy, heavy
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "alignment statistics" in result.stdout and "fusion function avg_ce" in result.stdout
+    assert "--until" in result.stdout

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 import fusion
-from fusion.fuse.align import edit_distance, min_edit_distance_token
+from fusion.fuse.tokens import edit_distance, min_edit_distance_token
 
 
 class Exact(fusion.Alignment):

@@ -9,78 +9,17 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
-from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
 
 from .api import Alignment, VocabContext
+from .tokens import edit_distance
 
 #: Positions whose next pivot token is exact, mapped or fell back (report order).
 EXACT, MAPPED, FALLBACK = 0, 1, 2
 STATUS_NAMES = ("exact", "mapped", "fallback")
-
-
-@lru_cache(maxsize=1 << 18)
-def edit_distance(a: str, b: str) -> int:
-    """Levenshtein distance (insertions, deletions, substitutions all cost 1)."""
-    if len(a) < len(b):
-        a, b = b, a
-    previous = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        current = [i]
-        for j, cb in enumerate(b, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
-        previous = current
-    return previous[-1]
-
-
-def _byte_decoder() -> dict[str, int]:
-    """The inverse of the byte-level BPE byte → printable-character table (GPT-2)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
-        + list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    n = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(printable, chars)}
-
-
-def surface_strings(tokenizer) -> list[str]:
-    """The text each token id stands for, so tokens of different tokenizers can be compared.
-
-    Byte-level BPE tokens (``Ġhello``) are decoded from their byte alphabet; SentencePiece-style
-    ``▁`` becomes a space and ``<0x0A>`` byte tokens their character. Ids without a token map to "".
-    """
-    vocab = tokenizer.get_vocab()
-    size = max(max(vocab.values()) + 1, len(tokenizer))
-    strings = [""] * size
-    try:
-        decoder = json.dumps(json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder"))
-    except AttributeError:  # a slow tokenizer: no byte-level decoder
-        decoder = ""
-    special = set(getattr(tokenizer, "all_special_tokens", ()))
-    byte_level = "ByteLevel" in decoder
-    table = _byte_decoder() if byte_level else {}
-    for token, i in vocab.items():
-        if token in special:
-            strings[i] = token
-        elif byte_level:
-            data = bytes(table[c] for c in token if c in table) if all(c in table for c in token) else None
-            strings[i] = data.decode("utf-8", errors="replace") if data is not None else token
-        elif len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
-            try:
-                strings[i] = bytes([int(token[3:5], 16)]).decode("utf-8", errors="replace")
-            except ValueError:
-                strings[i] = token
-        else:
-            strings[i] = token.replace("▁", " ")
-    return strings
 
 
 def pair_cost(a: str, b: str, span_a: Sequence[int], span_b: Sequence[int]) -> int:
@@ -248,44 +187,3 @@ class VocabMap:
     def lookup(self, ids: np.ndarray) -> np.ndarray:
         out = np.array([self.table.get(int(s), -1) for s in ids.ravel()], dtype=np.int64)
         return out.reshape(ids.shape)
-
-
-def pivot_index(pivot_tokens: Sequence[str]) -> dict[str, int]:
-    index: dict[str, int] = {}
-    for i, s in enumerate(pivot_tokens):
-        if s:
-            index.setdefault(s, i)
-    return index
-
-
-def min_edit_distance_token(text: str, context: VocabContext, candidates: Sequence[int] | None = None) -> int:
-    """The pivot id whose string is closest to ``text`` (lowest id on ties), or -1."""
-    best, best_id = None, -1
-    if candidates is not None:
-        for p in sorted(candidates):
-            d = edit_distance(text, context.pivot_tokens[p])
-            if best is None or d < best:
-                best, best_id = d, p
-        return best_id
-    by_length = _lengths(context)
-    # a string of length L is at least |L − len(text)| edits away: search outwards, stop early
-    for delta in range(0, max(by_length, default=0) + len(text) + 1):
-        if best is not None and delta > best:
-            break
-        for length in {len(text) - delta, len(text) + delta}:
-            for p in by_length.get(length, ()):
-                d = edit_distance(text, context.pivot_tokens[p])
-                if best is None or d < best or (d == best and p < best_id):
-                    best, best_id = d, p
-    return best_id
-
-
-def _lengths(context: VocabContext) -> dict[int, list[int]]:
-    cached = getattr(context, "_by_length", None)
-    if cached is None:
-        cached = {}
-        for p, s in enumerate(context.pivot_tokens):
-            if s:
-                cached.setdefault(len(s), []).append(p)
-        context._by_length = cached  # type: ignore[attr-defined]
-    return cached

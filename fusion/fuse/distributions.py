@@ -20,7 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .align import EXACT, FALLBACK, MAPPED, STATUS_NAMES, VocabMap, align_tokens, one_to_one, pivot_index
+from .align import EXACT, FALLBACK, MAPPED, STATUS_NAMES, VocabMap, align_tokens, one_to_one
+from .tokens import pivot_index
 from .api import Alignment, FusionFunction, VocabContext
 from .represent import Representations
 

@@ -211,7 +211,7 @@ def _fuse(run: Run) -> None:
     """Stage 2: align each source's distributions to the pivot and fuse them per sequence."""
     from ..plugins import alignments, fusion_functions
     from . import train
-    from .align import surface_strings
+    from .tokens import surface_strings
     from .distributions import FusedTargets, align, fuse
 
     t0 = time.perf_counter()
