@@ -245,6 +245,25 @@ def test_fused_targets_min_ce_and_avg_ce_on_hand_computed_numbers():
     assert sum(got.values()) == pytest.approx(1.0)
 
 
+def test_learning_rate_warms_up_linearly_then_decays_as_a_cosine():
+    from fusion.fuse.train import lr_factor
+
+    assert [lr_factor(s, 10, 2) for s in (0, 1, 2)] == [0.0, 0.5, 1.0]
+    assert lr_factor(6, 10, 2) == pytest.approx(0.5)  # half-way through the decay: cos(π/2)
+    assert lr_factor(10, 10, 2) == pytest.approx(0.0)
+    assert lr_factor(0, 10, 0) == 1.0
+
+
+def test_every_process_gets_the_same_number_of_batches():
+    from fusion.fuse.train import _batches
+
+    order = np.arange(11)
+    shares = [_batches(order, rank, 2, 3) for rank in (0, 1)]
+    assert [len(s) for s in shares] == [2, 2]  # ceil(11 / (3 · 2)) steps each
+    seen = np.concatenate([b for s in shares for b in s])
+    assert set(seen.tolist()) == set(range(11)) and len(seen) == 12  # one sequence wraps around
+
+
 def test_softmax_rows_ignores_invalid_entries():
     p = softmax_rows(np.array([[0.0, math.log(3.0), 9.0]]), np.array([[True, True, False]]))
     assert p.tolist()[0] == pytest.approx([0.25, 0.75, 0.0])
