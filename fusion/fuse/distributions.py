@@ -57,7 +57,8 @@ def align(pivot: Representations, source: Representations, pivot_tokens: Sequenc
         b = [source_tokens[t] if t < len(source_tokens) else "" for t in s_ids]
         path = align_tokens(a, b, pivot.offsets[pivot.span(i)], source.offsets[source.span(i)])
         pairs = one_to_one(path)
-        paths.append(pairs)
+        # one-to-one pairs whose strings are the same (for the exact / mapped count)
+        paths.append({pi: (sj, a[pi] == b[sj]) for pi, sj in pairs.items()})
         for pi, sj in pairs.items():
             cooccurrence[(int(s_ids[sj]), int(p_ids[pi]))] += 1
     context = VocabContext(pivot_tokens, source_tokens, pivot_index(pivot_tokens), cooccurrence)
@@ -77,7 +78,7 @@ def align(pivot: Representations, source: Representations, pivot_tokens: Sequenc
         base = ps.start
         counted[base:ps.stop - 1] = pivot.response[base + 1:ps.stop]
         for t in range(len(p_ids) - 1):
-            j = pairs.get(t + 1)
+            j, same = pairs.get(t + 1, (None, False))
             row = base + t
             # carry the source's prediction only when both read the same text before it: a
             # one-to-one pair such as "c" ~ "bc" after "ab" / "a" has different contexts
@@ -94,7 +95,6 @@ def align(pivot: Representations, source: Representations, pivot_tokens: Sequenc
                     ids[row, col], logits[row, col] = p_id, value
                     col += 1
                 if col:
-                    same = pivot_tokens[p_ids[t + 1]] == source_tokens[s_ids[j]]
                     status[row] = EXACT if same else MAPPED
                     continue
                 ids[row], logits[row] = -1, 0.0
