@@ -5,6 +5,7 @@ process trains on its share of each batch with DistributedDataParallel (gloo on 
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 from typing import Callable
@@ -30,7 +31,11 @@ def init_distributed() -> bool:
     if size <= 1:
         return False
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        # the other processes wait at a barrier while process 0 scores the whole data set
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=24))
     return True
 
 
@@ -121,9 +126,10 @@ def distil(model, reps: Representations, targets: FusedTargets, cfg: Training, d
             optimizer.zero_grad(set_to_none=True)
             count = (m % cfg.gradient_accumulation_steps) + 1
             values = torch.tensor(sums / count, dtype=torch.float64)
-            if distributed:
+            if distributed:  # the curve is the mean over processes (NCCL reduces on the GPU)
+                values = values.to(device)
                 dist.all_reduce(values)
-                values /= size
+                values = values.cpu() / size
             step += 1
             entry = {"step": step, "epoch": epoch + 1, "loss": float(values[0]), "lm_loss": float(values[1]),
                      "distill_loss": float(values[2]), "lr": lr}
