@@ -159,6 +159,9 @@ def _open(config: FuseConfig, output: Path, force: bool, options: ResolveOptions
         "processes": size, "device": run.device, "stages": {}, "notes": [], "output": str(output),
         "outputs": [], "config": config.text,
     }
+    if any(e.chat for e in examples) and not getattr(pivot.tokenizer, "chat_template", None):
+        run.report["notes"].append("the pivot has no chat template, so conversations were written as "
+                                   "'role: content' lines")
     return run
 
 
