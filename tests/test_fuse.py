@@ -622,3 +622,39 @@ assert not heavy, heavy
     assert result.returncode == 0, result.stderr
     assert "alignment statistics" in result.stdout and "fusion function avg_ce" in result.stdout
     assert "--until" in result.stdout
+
+
+@pytest.mark.slow
+def test_a_source_named_by_its_hub_name(case, tmp_path, monkeypatch):
+    """Models are named as everywhere else: a Hub name resolves (a local fake Hub) and is scored."""
+    import importlib
+
+    import huggingface_hub.constants
+    from hubserver import FakeHub
+
+    from fuse_models import write_config
+    from fusion import plugins
+    from fusion.fuse.pipeline import run_fuse
+
+    root = _copy_case(case, tmp_path)
+    hub = FakeHub(tmp_path / "hub-repos").start()
+    try:
+        sha = hub.commit("org/source-b", root / "source_b")
+        for var in ("HF_TOKEN", "HF_HUB_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+            monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+        importlib.reload(huggingface_hub.constants)
+        plugins.reset()
+        config = write_config(root, sources=("source_a",))
+        config.write_text(config.read_text().replace("  - model: ./source_a", "  - model: org/source-b@main"))
+        report = run_fuse(config, root / "out", until="fuse", echo=lambda _m: None)
+    finally:
+        hub.stop()
+        monkeypatch.undo()
+        importlib.reload(huggingface_hub.constants)
+        plugins.reset()
+    assert report["sources"][0]["reference"] == "org/source-b@main" and sha in report["sources"][0]["path"]
+    assert report["sources"][0]["name"] == "source-b"
+    cov = report["alignment"]["source-b"]["positions"]
+    assert cov["exact"] > cov["fallback"] > 0
