@@ -146,6 +146,21 @@ def test_min_ed_maps_to_the_closest_pivot_token():
     assert how[2] == MAPPED and how[0] == EXACT
 
 
+def test_nearest_token_search_equals_brute_force():
+    import random
+
+    from fusion.fuse.tokens import min_edit_distance_token
+
+    rng = random.Random(3)
+    alphabet = "abcdé Ġ"
+    pivot = [""] + ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 7))) for _ in range(400)]
+    ctx = VocabContext(pivot, [], pivot_index(pivot))
+    for _ in range(150):
+        text = "".join(rng.choice(alphabet + "xyz") for _ in range(rng.randint(0, 9)))
+        brute = min(range(1, len(pivot)), key=lambda p: (edit_distance(text, pivot[p]), p))
+        assert min_edit_distance_token(text, ctx) == brute, text
+
+
 def test_statistics_chooses_among_co_aligned_tokens_by_edit_distance_then_count():
     # " dogs" was aligned with " cats" (5 times) and " dog" (once): " dog" is closer, so it wins;
     # " doe" with " do" (1 edit) and " cats" (3 edits, though more often): " do";

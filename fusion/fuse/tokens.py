@@ -81,27 +81,58 @@ def pivot_index(pivot_tokens: Sequence[str]) -> dict[str, int]:
 
 
 def min_edit_distance_token(text: str, context: VocabContext) -> int:
-    """The pivot id whose string is closest to ``text`` (lowest id on ties), or -1."""
+    """The pivot id whose string is closest to ``text`` (lowest id on ties), or -1.
+
+    A string of length L is at least |L − len(text)| edits away, so lengths are searched outwards
+    from len(text) and the search stops once no remaining length can beat the best found; each
+    length's tokens are compared all at once (a real vocabulary has thousands per length).
+    """
+    buckets = _buckets(context)
     best, best_id = None, -1
-    by_length = _lengths(context)
-    # a string of length L is at least |L − len(text)| edits away: search outwards, stop early
-    for delta in range(0, max(by_length, default=0) + len(text) + 1):
+    for delta in range(0, max(buckets, default=0) + len(text) + 1):
         if best is not None and delta > best:
             break
         for length in {len(text) - delta, len(text) + delta}:
-            for p in by_length.get(length, ()):
-                d = edit_distance(text, context.pivot_tokens[p])
-                if best is None or d < best or (d == best and p < best_id):
-                    best, best_id = d, p
+            if length not in buckets:
+                continue
+            ids, codes = buckets[length]
+            d = _distances(text, codes)
+            low = int(d.min())
+            p = int(ids[int((d == low).argmax())])  # ids ascend within a bucket: the lowest id
+            if best is None or low < best or (low == best and p < best_id):
+                best, best_id = low, p
     return best_id
 
 
-def _lengths(context: VocabContext) -> dict[int, list[int]]:
-    cached = getattr(context, "_by_length", None)
+def _buckets(context: VocabContext) -> dict:
+    """Pivot tokens by string length: (ids, [n, length] code points), built once per context."""
+    import numpy as np
+
+    cached = getattr(context, "_buckets", None)
     if cached is None:
-        cached = {}
+        by_length: dict[int, list[int]] = {}
         for p, s in enumerate(context.pivot_tokens):
             if s:
-                cached.setdefault(len(s), []).append(p)
-        context._by_length = cached  # type: ignore[attr-defined]
+                by_length.setdefault(len(s), []).append(p)
+        cached = {length: (np.array(ids), np.array([[ord(c) for c in context.pivot_tokens[p]] for p in ids],
+                                                   dtype=np.int64))
+                  for length, ids in by_length.items()}
+        context._buckets = cached  # type: ignore[attr-defined]
     return cached
+
+
+def _distances(text: str, codes):
+    """Levenshtein distance from ``text`` to each row of ``codes`` (equal-length strings), the
+    dynamic programme run over all rows at once."""
+    import numpy as np
+
+    n, length = codes.shape
+    prev = np.tile(np.arange(length + 1), (n, 1))
+    for i, ch in enumerate(text, 1):
+        cur = np.empty_like(prev)
+        cur[:, 0] = i
+        differs = codes != ord(ch)
+        for j in range(1, length + 1):
+            cur[:, j] = np.minimum(np.minimum(prev[:, j], cur[:, j - 1]) + 1, prev[:, j - 1] + differs[:, j - 1])
+        prev = cur
+    return prev[:, length]
