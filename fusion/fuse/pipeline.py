@@ -64,7 +64,7 @@ class Run:
     report: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def lead(self) -> bool:
+    def main_process(self) -> bool:
         return self.rank == 0
 
     @property
@@ -100,7 +100,7 @@ def run_fuse(config_path: str | Path, output: Path, *, until: str | None = None,
         _fuse(run)
     if until not in ("represent", "fuse"):
         _train(run)
-    if not run.lead:
+    if not run.main_process:
         return None
     merged = None
     if until is None or until == "merge":
@@ -176,7 +176,7 @@ def _represent(run: Run) -> None:
     for m in [run.pivot] + run.sources:
         m.key = cache_key(models.fingerprint(m.folder), run.train_set, cfg.top_k, cfg.max_length)
         path = run.cache / f"represent-{m.name}.safetensors"
-        if not run.lead:
+        if not run.main_process:
             continue
         if Representations.load(path, m.key) is not None:
             reused += 1
@@ -223,7 +223,7 @@ def _fuse(run: Run) -> None:
     run.report["alignment"], run.report["fusion"] = {}, {}
     pivot_reps = pivot_tokens = None
     for s in run.sources:
-        if not run.lead:
+        if not run.main_process:
             continue
         key = _fused_key(run, s)
         path, info_path = run.cache / f"fused-{s.name}.safetensors", run.cache / f"fused-{s.name}.json"
@@ -289,7 +289,7 @@ def _train(run: Run) -> None:
             raise FusionError(f"the fused targets of {s.label} are missing from {run.cache}; run the command again")
         model = models.load_model(run.pivot.folder, "pivot", "float32", run.device)
         curve = train.distil(model, pivot_reps, fused, tcfg, run.device, pad_id=pad)
-        if run.lead:
+        if run.main_process:
             model.to(getattr(torch, tcfg.dtype))
             with atomic_folder(target, force=True) as tmp:
                 model.save_pretrained(tmp)
