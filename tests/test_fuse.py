@@ -394,7 +394,9 @@ def case(tmp_path_factory):
     from fuse_models import build_fusion_case
 
     torch.set_num_threads(1)  # two workers on two cores: more threads only contend
-    root = tmp_path_factory.getbasetemp().parent / "fuse-case"
+    base = tmp_path_factory.getbasetemp()
+    # xdist workers' temp folders share this run's parent; without xdist it is this run's own
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "fuse-case"
     with FileLock(str(root) + ".lock"):
         if not (root / "heldout.jsonl").exists():
             build_fusion_case(root)
