@@ -106,7 +106,7 @@ def merge(config, output, dry_run, force, kernel, threads, shard_size, no_card, 
 @click.option("--force", is_flag=True, help="Discard cached representations and targets and redo everything.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads per process for scoring and training.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress messages or summary.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars, messages or summary.")
 @_offline
 @_cache_dir
 def fuse(config, output, until, force, threads, quiet, offline, cache_dir):
@@ -126,7 +126,7 @@ def fuse(config, output, until, force, threads, quiet, offline, cache_dir):
         torch.set_num_threads(threads)
     try:
         run_fuse(config, Path(output), until=until, force=force, offline=offline, cache_dir=cache_dir,
-                 echo=(lambda _m: None) if quiet else click.echo)
+                 echo=(lambda _m: None) if quiet else click.echo, progress=not quiet)
     except KeyboardInterrupt:
         click.echo(f"interrupted; the stages finished so far are kept in {output} and a re-run resumes "
                    f"from them", err=True)

@@ -61,6 +61,7 @@ class Run:
     rank: int
     size: int
     say: Callable[[str], None]
+    progress: bool = True
     report: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -76,13 +77,22 @@ class Run:
         # float32 on CPU (bf16 matmuls are slow there); the training dtype on GPUs, for memory
         return self.config.training.dtype if self.device.startswith("cuda") else "float32"
 
+    def bar(self, total: int | None, desc: str, unit: str):
+        """A progress bar on process 0's terminal (none when quiet, redirected or on other processes)."""
+        import sys
+
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=False,
+                    mininterval=0.5, disable=None if self.progress and self.main_process else True)
+
     def stage(self, name: str, started: float, **extra: Any) -> None:
         self.report["stages"][name] = {"seconds": time.perf_counter() - started, **extra}
 
 
 def run_fuse(config_path: str | Path, output: Path, *, until: str | None = None, force: bool = False,
-             offline: bool = False, cache_dir: str | None = None,
-             echo: Callable[[str], None] = print) -> dict[str, Any] | None:
+             offline: bool = False, cache_dir: str | None = None, echo: Callable[[str], None] = print,
+             progress: bool = True) -> dict[str, Any] | None:
     """Run (or resume) pairwise fusion; returns the report on process 0, None on the others."""
     from . import train
     from .models import transformers
@@ -95,6 +105,7 @@ def run_fuse(config_path: str | Path, output: Path, *, until: str | None = None,
     train.init_distributed()
     run = _open(config, Path(output), force, ResolveOptions(base_dir=config.base_dir, offline=offline,
                                                             cache_dir=cache_dir), echo)
+    run.progress = progress
     _represent(run)
     if until != "represent":
         _fuse(run)
@@ -183,9 +194,11 @@ def _represent(run: Run) -> None:
             continue
         run.say(f"representations: {m.label} {m.reference} ({len(run.train_set)} sequences)")
         model = models.load_model(m.folder, m.label, run.score_dtype, run.device)
-        compute(model, m.tokenizer, run.train_set, top_k=cfg.top_k, max_length=cfg.max_length,
-                batch_size=cfg.batch_size, device=run.device).save(path, m.key)
-        del model
+        with run.bar(len(run.train_set), f"scoring {m.name}", "seq") as bar:
+            reps = compute(model, m.tokenizer, run.train_set, top_k=cfg.top_k, max_length=cfg.max_length,
+                           batch_size=cfg.batch_size, device=run.device, progress=bar.update)
+        reps.save(path, m.key)
+        del model, reps
         gc.collect()
     total = 1 + len(run.sources)
     run.stage("represent", t0, computed=total - reused, reused=reused,
@@ -288,7 +301,12 @@ def _train(run: Run) -> None:
         if fused is None:
             raise FusionError(f"the fused targets of {s.label} are missing from {run.cache}; run the command again")
         model = models.load_model(run.pivot.folder, "pivot", "float32", run.device)
-        curve = train.distil(model, pivot_reps, fused, tcfg, run.device, pad_id=pad)
+        with run.bar(None, f"training on {s.name}", "step") as bar:
+            def step(entry: dict) -> None:
+                bar.update(1)
+                bar.set_postfix_str(f"loss {entry['loss']:.4f}", refresh=False)
+
+            curve = train.distil(model, pivot_reps, fused, tcfg, run.device, pad_id=pad, on_step=step)
         if run.main_process:
             model.to(getattr(torch, tcfg.dtype))
             with atomic_folder(target, force=True) as tmp:
