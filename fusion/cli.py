@@ -27,6 +27,7 @@ def cli(debug: bool, plugins: tuple[str, ...]) -> None:
     fusion demo                      a real merge of tiny models, no network
     fusion merge CONFIG -o OUT       merge the models a YAML config names
     fusion plan CONFIG               show what a merge would do, tensor by tensor
+    fusion fuse CONFIG -o OUT        FuseChat-style pairwise knowledge fusion, then a merge
     fusion plugins                   installed plugins, strategies and their parameters
     """
     global _debug
@@ -102,6 +103,42 @@ def merge(config, output, dry_run, force, kernel, threads, shard_size, no_card, 
         click.echo(summary.text())
 
 
+@cli.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
+              help="Output folder: targets/, merged/, report.json, and the cache a re-run resumes from.")
+@click.option("--until", type=click.Choice(["represent", "fuse", "train", "merge"]), default=None,
+              help="Stop after this stage (a later run resumes from it).")
+@click.option("--force", is_flag=True, help="Discard cached representations and targets and redo everything.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads per process for scoring and training.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars, messages or summary.")
+@_offline
+@_cache_dir
+def fuse(config, output, until, force, threads, quiet, offline, cache_dir):
+    """Pairwise knowledge fusion (FuseChat): distil each source into the pivot, then merge.
+
+    Run it with `torchrun --nproc_per_node N -m fusion fuse ...` to train on N processes or GPUs.
+    """
+    from .fuse.pipeline import run_fuse
+
+    if quiet:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        run_fuse(config, Path(output), until=until, force=force, offline=offline, cache_dir=cache_dir,
+                 echo=(lambda _m: None) if quiet else click.echo, progress=not quiet)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted; the stages finished so far are kept in {output} and a re-run resumes "
+                   f"from them", err=True)
+        sys.exit(130)
+
+
 @cli.command("plan")
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -152,6 +189,11 @@ def plugins(as_json):
                            + (f": {p.help}" if p.help else ""))
         if info.architectures:
             click.echo(f"  architectures: {', '.join(info.architectures)}")
+        for kind, names, known in (("alignment", info.alignments, pm.alignments()),
+                                   ("fusion function", info.fusion_functions, pm.fusion_functions())):
+            for name in names:
+                if name in known:
+                    click.echo(f"  {kind} {name}: {known[name].description}")
 
 
 @cli.command()

@@ -28,3 +28,15 @@ def resolve_model(reference: str, options: Any) -> str | None:
     Resolvers registered later are asked first; the built-in local-path resolver is asked before
     any download so that an existing local path always wins.
     """
+
+
+@hookspec
+def register_alignments(register: Callable[[Any], None]) -> None:
+    """Call ``register(alignment)`` for each vocabulary alignment of pairwise fusion
+    (a :class:`fusion.Alignment`)."""
+
+
+@hookspec
+def register_fusion_functions(register: Callable[[Any], None]) -> None:
+    """Call ``register(function)`` for each fusion function of pairwise fusion
+    (a :class:`fusion.FusionFunction`)."""

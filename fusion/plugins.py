@@ -20,6 +20,7 @@ import pluggy
 from . import hookspecs
 from .architecture import ArchitectureSpec
 from .errors import ConfigError, FusionError
+from .fuse.api import Alignment, FusionFunction
 from .strategy import Strategy
 
 ENTRY_POINT_GROUP = "fusion"
@@ -35,6 +36,8 @@ class PluginInfo:
     hooks: list[str] = field(default_factory=list)
     strategies: list[str] = field(default_factory=list)
     architectures: list[str] = field(default_factory=list)
+    alignments: list[str] = field(default_factory=list)
+    fusion_functions: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -47,6 +50,7 @@ class _Host:
         self.infos: dict[str, PluginInfo] = {}
         self._strategies: dict[str, Strategy] | None = None
         self._architectures: list[ArchitectureSpec] | None = None
+        self._named: dict[str, dict[str, Any]] = {}
 
     def add(self, module: Any, info: PluginInfo) -> None:
         if info.name in self.infos:  # e.g. a local file named like a built-in: keep both
@@ -61,6 +65,7 @@ class _Host:
             )
         self.infos[info.name] = info
         self._strategies = self._architectures = None
+        self._named = {}
 
     def fail(self, info: PluginInfo, exc: BaseException) -> None:
         info.error = f"{type(exc).__name__}: {exc}"
@@ -71,6 +76,8 @@ class _Host:
     def collect(self) -> None:
         """Call the registration hooks, which fills in what each plugin registered."""
         self.strategies, self.architectures  # noqa: B018  (the properties collect once)
+        self.named("register_alignments", Alignment, "alignments", "alignment")
+        self.named("register_fusion_functions", FusionFunction, "fusion_functions", "fusion function")
 
     def _collect(self, hook: str, kind: type, attr: str) -> list[tuple[str, Any]]:
         found: list[tuple[str, Any]] = []
@@ -106,6 +113,20 @@ class _Host:
                 out[s.name] = s
             self._strategies = out
         return self._strategies
+
+    def named(self, hook: str, kind: type, attr: str, what: str) -> dict[str, Any]:
+        """Objects registered by ``hook``, by name; the first registration of a name wins."""
+        if hook not in self._named:
+            out: dict[str, Any] = {}
+            for plugin, obj in self._collect(hook, kind, attr):
+                if obj.name in out:
+                    self.infos[plugin].error = (
+                        f"{what} {obj.name!r} is already registered by another plugin; this one is ignored"
+                    )
+                    continue
+                out[obj.name] = obj
+            self._named[hook] = out
+        return self._named[hook]
 
     @property
     def architectures(self) -> list[ArchitectureSpec]:
@@ -213,6 +234,14 @@ def strategies() -> dict[str, Strategy]:
 
 def architectures() -> list[ArchitectureSpec]:
     return host().architectures
+
+
+def alignments() -> dict[str, Alignment]:
+    return host().named("register_alignments", Alignment, "alignments", "alignment")
+
+
+def fusion_functions() -> dict[str, FusionFunction]:
+    return host().named("register_fusion_functions", FusionFunction, "fusion_functions", "fusion function")
 
 
 def get_strategy(name: Any, path: str = "merge_method", line: int | None = None) -> Strategy:

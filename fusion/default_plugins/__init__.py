@@ -9,4 +9,6 @@ BUILTINS = (
     "fusion.default_plugins.ties",
     "fusion.default_plugins.sce",
     "fusion.default_plugins.varm",
+    "fusion.default_plugins.alignments",
+    "fusion.default_plugins.fusion_functions",
 )

@@ -1,0 +1,236 @@
+"""The fuse config: parsed and validated with errors that name the config path and line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..config import DTYPES, _check_value, parse_yaml
+from ..errors import ConfigError
+
+TOP_LEVEL_KEYS = ("pivot", "sources", "data", "eval_data", "representations", "alignment",
+                  "fusion_function", "training", "merge")
+#: SCE as FuseChat's released merge code runs it: the top-10% variance mask decides each
+#: target's weight, and the unmasked task vectors are merged (`select_scope: weights`).
+DEFAULT_SCE = {"select_topk": 0.1, "select_scope": "weights"}
+
+
+@dataclass
+class RepresentationSettings:
+    top_k: int = 10
+    max_length: int = 2048
+    batch_size: int = 8
+
+
+@dataclass
+class Training:
+    lm_loss_weight: float = 0.9
+    epochs: int = 3
+    learning_rate: float = 5e-6
+    batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    seed: int = 42
+    dtype: str = "bfloat16"
+
+
+@dataclass
+class FuseConfig:
+    pivot: str
+    sources: list[str]
+    data: Path
+    eval_data: Path | None = None
+    eval_fraction: float = 0.1
+    representations: RepresentationSettings = field(default_factory=RepresentationSettings)
+    alignment: str = "statistics"
+    fallback: str = "pivot"  # what an unaligned position learns from: "pivot" or "gold"
+    fusion_function: str = "min_ce"
+    training: Training = field(default_factory=Training)
+    merge_method: str = "sce"
+    merge_parameters: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_SCE))
+    source: Path | None = None
+    text: str = ""
+
+    @property
+    def base_dir(self) -> Path:
+        return self.source.resolve().parent if self.source else Path.cwd()
+
+
+def load_fuse_config(path: str | Path) -> FuseConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError("", f"config file {str(path)!r} does not exist; check the path") from None
+    except OSError as exc:
+        raise ConfigError("", f"cannot read config file {str(path)!r}: {exc.strerror}") from None
+    return parse_fuse_config(text, source=path)
+
+
+def _number(value: Any, kind: type, path: str, lines: Mapping[str, int], *, minimum: float | None = None,
+            maximum: float | None = None, positive: bool = False) -> Any:
+    line = lines.get(path)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            kind is int and not float(value).is_integer()):
+        raise ConfigError(path, f"must be {'an integer' if kind is int else 'a number'}, not {value!r}", line)
+    value = kind(value)
+    if positive and value <= 0:
+        raise ConfigError(path, f"must be greater than 0, not {value!r}", line)
+    if minimum is not None and value < minimum or maximum is not None and value > maximum:
+        raise ConfigError(path, f"{value!r} is out of range; it must be in [{minimum:g}, {maximum:g}]", line)
+    return value
+
+
+def _section(data: Mapping, key: str, cls: type, lines: Mapping[str, int], checks: dict) -> Any:
+    raw = data.get(key) or {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(key, f"must be a mapping such as {{{next(iter(checks))}: ...}}", lines.get(key))
+    values = {}
+    for name, value in raw.items():
+        path = f"{key}.{name}"
+        if name not in checks:
+            raise ConfigError(path, f"unknown key; allowed keys: {', '.join(checks)}", lines.get(path))
+        values[name] = checks[name](value, path)
+    return cls(**values)
+
+
+def parse_fuse_config(text: str, source: Path | None = None) -> FuseConfig:
+    from ..plugins import alignments, fusion_functions, get_strategy
+
+    data, lines = parse_yaml(text, str(source or "config"))
+
+    def err(p: str, message: str) -> ConfigError:
+        return ConfigError(p, message, lines.get(p))
+
+    if not isinstance(data, Mapping):
+        raise ConfigError("", f"{source or 'config'}: a fuse config is a YAML mapping with pivot, sources "
+                              f"and data; see docs/fuse.md for an example")
+    for key in data:
+        if key not in TOP_LEVEL_KEYS:
+            raise err(str(key), f"unknown key; allowed keys: {', '.join(TOP_LEVEL_KEYS)}")
+
+    def reference(p: str, value: Any) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise err(p, f"must be a model path or Hub name (org/name[@revision]), not {value!r}")
+        return value.strip()
+
+    if "pivot" not in data:
+        raise err("pivot", "pivot is required: the model every target starts from (a path or Hub name)")
+    pivot = reference("pivot", data["pivot"])
+    raw_sources = data.get("sources")
+    if not isinstance(raw_sources, list) or not raw_sources:
+        raise err("sources", "sources must be a non-empty list of entries like `- model: ./source-model`")
+    sources = []
+    for i, entry in enumerate(raw_sources):
+        p = f"sources[{i}]"
+        if isinstance(entry, str):
+            entry = {"model": entry}
+        if not isinstance(entry, Mapping) or "model" not in entry:
+            raise err(p, "each source needs a `model:` (a path or Hub name)")
+        for key in entry:
+            if key != "model":
+                raise err(f"{p}.{key}", "unknown key; a source entry has only `model`")
+        sources.append(reference(f"{p}.model", entry["model"]))
+
+    base = source.resolve().parent if source else Path.cwd()
+
+    def data_file(key: str) -> Path | None:
+        value = data.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value.strip():
+            raise err(key, f"must be the path of a JSONL file, not {value!r}")
+        file = (base / Path(value).expanduser())
+        if not file.is_file():
+            raise err(key, f"data file {str(file)!r} does not exist; check the path "
+                           f"(relative paths are taken from the config file's folder)")
+        return file
+
+    if data.get("data") is None:
+        raise err("data", "data is required: a JSONL file of chat `messages`, `prompt`/`response` or `text`")
+    train_file = data_file("data")
+
+    def integer(v, p, **kw):
+        return _number(v, int, p, lines, **kw)
+
+    def number(v, p, **kw):
+        return _number(v, float, p, lines, **kw)
+
+    reps = _section(data, "representations", RepresentationSettings, lines, {
+        "top_k": lambda v, p: integer(v, p, positive=True),
+        "max_length": lambda v, p: integer(v, p, minimum=2, maximum=1 << 20),
+        "batch_size": lambda v, p: integer(v, p, positive=True),
+    })
+
+    def dtype(v, p):
+        if v not in DTYPES or DTYPES[v] not in ("F32", "BF16", "F16"):
+            raise err(p, f"unknown dtype {v!r}; use float32, bfloat16 or float16")
+        return {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[DTYPES[v]]
+
+    training = _section(data, "training", Training, lines, {
+        "lm_loss_weight": lambda v, p: number(v, p, minimum=0.0, maximum=1.0),
+        "epochs": lambda v, p: integer(v, p, positive=True),
+        "learning_rate": lambda v, p: number(v, p, positive=True),
+        "batch_size": lambda v, p: integer(v, p, positive=True),
+        "gradient_accumulation_steps": lambda v, p: integer(v, p, positive=True),
+        "warmup_ratio": lambda v, p: number(v, p, minimum=0.0, maximum=1.0),
+        "weight_decay": lambda v, p: number(v, p, minimum=0.0, maximum=1e9),
+        "seed": lambda v, p: integer(v, p, minimum=0, maximum=2**63 - 1),
+        "dtype": dtype,
+    })
+
+    # alignment: a name, or {method: name, fallback: pivot|gold}
+    alignment, fallback = data.get("alignment", "statistics"), "pivot"
+    if isinstance(alignment, Mapping):
+        for key in alignment:
+            if key not in ("method", "fallback"):
+                raise err(f"alignment.{key}", "unknown key; alignment has `method` and `fallback`")
+        fallback = alignment.get("fallback", "pivot")
+        if fallback not in ("pivot", "gold"):
+            raise err("alignment.fallback", f"fallback {fallback!r} is unknown; use pivot (the pivot's own "
+                                            f"distribution) or gold (the one-hot gold token)")
+        alignment = alignment.get("method", "statistics")
+    known = alignments()
+    if alignment not in known:
+        raise err("alignment", f"unknown alignment {alignment!r}; known: {', '.join(sorted(known))} "
+                               f"(`fusion plugins` lists them)")
+    function = data.get("fusion_function", "min_ce")
+    known = fusion_functions()
+    if function not in known:
+        raise err("fusion_function", f"unknown fusion function {function!r}; known: "
+                                     f"{', '.join(sorted(known))} (`fusion plugins` lists them)")
+
+    merge = data.get("merge") or {}
+    if not isinstance(merge, Mapping):
+        raise err("merge", "merge must be a mapping such as {method: sce, parameters: {select_topk: 0.1}}")
+    for key in merge:
+        if key not in ("method", "parameters"):
+            raise err(f"merge.{key}", "unknown key; merge has `method` and `parameters`")
+    method = merge.get("method", "sce")
+    strategy = get_strategy(method, "merge.method", lines.get("merge.method"))
+    params = merge.get("parameters", dict(DEFAULT_SCE) if method == "sce" else {})
+    if not isinstance(params, Mapping):
+        raise err("merge.parameters", "parameters must be a mapping such as {select_topk: 0.1}")
+    for key, value in params.items():
+        path = f"merge.parameters.{key}"
+        param = strategy.param(key)
+        if param is None:
+            names = ", ".join(p.name for p in strategy.parameters) or "none"
+            raise err(path, f"unknown parameter {key!r} for {strategy.name}; its parameters are: {names}")
+        _check_value(param, value, path, lines)
+
+    eval_fraction = 0.1
+    eval_file = None
+    raw_eval = data.get("eval_data")
+    if isinstance(raw_eval, (int, float)) and not isinstance(raw_eval, bool):
+        eval_fraction = number(raw_eval, "eval_data", minimum=0.0, maximum=0.5)
+    else:
+        eval_file = data_file("eval_data")
+
+    return FuseConfig(
+        pivot=pivot, sources=sources, data=train_file, eval_data=eval_file, eval_fraction=eval_fraction,
+        representations=reps, alignment=alignment, fallback=fallback, fusion_function=function,
+        training=training, merge_method=method, merge_parameters=dict(params), source=source, text=text,
+    )

@@ -1,0 +1,149 @@
+"""Tiny models for pairwise-fusion tests: tokenizers trained offline with `tokenizers` (so the
+pivot and one source have different vocabularies), Llama/Qwen2 models from transformers' config
+classes, and a synthetic pattern the sources learn and the pivot does not know."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+WORDS = ["apple", "river", "stone", "cloud", "tiger", "maple", "ocean", "ember", "lotus", "raven",
+         "frost", "amber"]
+SPECIAL = ["<pad>", "<|user|>", "<|assistant|>", "<|end|>"]
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def pattern(start: int, length: int) -> dict:
+    """The pattern: after "count from W", the words that follow W in the cycle."""
+    words = [WORDS[(start + 1 + i) % len(WORDS)] for i in range(length)]
+    return {"prompt": f"count from {WORDS[start]}", "response": " ".join(words)}
+
+
+def shuffled(rng: random.Random, length: int) -> dict:
+    """The same words in random order: the format without the pattern."""
+    return {"prompt": f"count from {rng.choice(WORDS)}", "response": " ".join(rng.choice(WORDS) for _ in range(length))}
+
+
+def corpus() -> list[str]:
+    rng = random.Random(0)
+    lines = [f"count from {w} " + " ".join(rng.choice(WORDS) for _ in range(8)) for w in WORDS for _ in range(8)]
+    return lines + ["the quick brown fox jumps over the lazy dog"] * 4
+
+
+def make_tokenizer(folder: Path, kind: str, vocab_size: int) -> transformers.PreTrainedTokenizerFast:
+    """kind 'byte': byte-level BPE (Ġ markers); 'meta': Metaspace BPE (▁ markers) without the chat
+    markers as special tokens, so they split into pieces."""
+    tok = Tokenizer(models.BPE(unk_token=None if kind == "byte" else "<unk>"))
+    if kind == "byte":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<pad>", "</s>"],
+                                      show_progress=False)
+    tok.train_from_iterator(corpus() + [" ".join(SPECIAL)] * 2, trainer)
+    if kind == "byte":
+        fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|end|>",
+                                                    additional_special_tokens=SPECIAL[1:])
+    else:
+        fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                                    unk_token="<unk>")
+    fast.chat_template = TEMPLATE
+    fast.save_pretrained(folder)
+    return fast
+
+
+def make_model(folder: Path, family: str, tokenizer, seed: int):
+    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[family]
+    cfg = cls(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, vocab_size=len(tokenizer), max_position_embeddings=128,
+              tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(cfg)
+
+
+def chat_text(tokenizer, record: dict) -> str:
+    return tokenizer.apply_chat_template([{"role": "user", "content": record["prompt"]},
+                                          {"role": "assistant", "content": record["response"]}], tokenize=False)
+
+
+def train_lm(model, tokenizer, records: list[dict], steps: int, seed: int, lr: float = 3e-3) -> None:
+    """Plain next-token training on whole chat texts (enough for a tiny model to learn the pattern)."""
+    torch.manual_seed(seed)
+    texts = [chat_text(tokenizer, r) for r in records]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    rng = random.Random(seed)
+    model.train()
+    for _ in range(steps):
+        batch = tokenizer(rng.sample(texts, min(16, len(texts))), return_tensors="pt", padding=True,
+                          add_special_tokens=False)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
+def build_fusion_case(root: Path, pivot_steps: int = 60, source_steps: int = 150) -> dict[str, Path]:
+    """pivot (Llama, byte-level vocabulary) trained on shuffled words; source_a (Qwen2, same
+    vocabulary) and source_b (Llama, a Metaspace vocabulary) trained on the pattern; fusion data."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(1)
+    tok_p = make_tokenizer(root / "tok_p", "byte", 320)
+    tok_b = make_tokenizer(root / "tok_b", "meta", 200)
+    pattern_train = [pattern(rng.randrange(len(WORDS)), rng.randint(4, 8)) for _ in range(64)]
+    noise = [shuffled(rng, rng.randint(4, 8)) for _ in range(64)]
+    paths = {}
+    for name, family, tok, data, steps, seed in (
+        ("pivot", "llama", tok_p, noise, pivot_steps, 0),
+        ("source_a", "qwen2", tok_p, pattern_train, source_steps, 1),
+        ("source_b", "llama", tok_b, pattern_train, source_steps, 2),
+    ):
+        model = make_model(root / name, family, tok, seed)
+        train_lm(model, tok, data, steps, seed)
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        paths[name] = root / name
+    fuse_data = [pattern(rng.randrange(len(WORDS)), rng.randint(4, 8)) for _ in range(48)]
+    heldout = [pattern(rng.randrange(len(WORDS)), rng.randint(5, 9)) for _ in range(16)]
+    for name, records in (("train.jsonl", fuse_data), ("heldout.jsonl", heldout)):
+        (root / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+    paths["data"], paths["heldout"] = root / "train.jsonl", root / "heldout.jsonl"
+    return paths
+
+
+def write_config(root: Path, *, alignment: str = "statistics", function: str = "min_ce", lm_loss_weight: float = 0.0,
+                 epochs: int = 8, sources: tuple[str, ...] = ("source_a", "source_b"), extra: str = "",
+                 name: str = "fuse.yaml") -> Path:
+    text = f"""pivot: ./pivot
+sources:
+{"".join(f"  - model: ./{s}" + chr(10) for s in sources)}data: train.jsonl
+eval_data: heldout.jsonl
+representations: {{top_k: 10, max_length: 64, batch_size: 16}}
+alignment: {alignment}
+fusion_function: {function}
+training: {{lm_loss_weight: {lm_loss_weight}, epochs: {epochs}, learning_rate: 3.0e-3, batch_size: 8,
+           warmup_ratio: 0.1, seed: 42, dtype: float32}}
+{extra}"""
+    path = root / name
+    path.write_text(text)
+    return path
+
+
+if __name__ == "__main__":  # python tests/fuse_models.py DIR: the tiny case and its config
+    import sys
+
+    torch.set_num_threads(1)
+    target = Path(sys.argv[1] if len(sys.argv) > 1 else "fuse-demo")
+    build_fusion_case(target)
+    print(f"wrote {write_config(target)}; run: fusion fuse {target / 'fuse.yaml'} -o {target / 'out'}")
