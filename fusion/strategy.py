@@ -124,6 +124,28 @@ class Strategy:
         and of one shape, into a float32 tensor of that shape."""
         raise NotImplementedError
 
+    def merge_compiled(
+        self,
+        out: "torch.Tensor",
+        base: "torch.Tensor | None",
+        tensors: "Sequence[torch.Tensor]",
+        params: Mapping[str, Any],
+        *,
+        threads: int,
+        release: bool,
+    ) -> int:
+        """Optional compiled path, used under ``--kernel c`` (and ``auto`` when the C kernels are
+        built): merge the flat, contiguous inputs as stored (bfloat16, float16 or float32,
+        read-only) straight into ``out``, a flat tensor of the output dtype, typically with
+        :mod:`fusion.kernels`. Return the number of non-finite values written. ``threads`` and
+        ``release`` are passed on to the kernels. The result must agree with :meth:`merge`."""
+        raise NotImplementedError
+
+    @property
+    def compiled(self) -> bool:
+        """Whether this strategy has a compiled path (overrides :meth:`merge_compiled`)."""
+        return type(self).merge_compiled is not Strategy.merge_compiled
+
     def param(self, name: str) -> Param | None:
         for p in self.parameters:
             if p.name == name:
