@@ -8,7 +8,7 @@ import sys
 
 from setuptools import Extension, setup
 
-args = [] if sys.platform == "win32" else ["-O3", "-ffp-contract=off", "-std=c99", "-D_GNU_SOURCE", "-pthread"]
+args = [] if sys.platform == "win32" else ["-O3", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno", "-std=c99", "-D_GNU_SOURCE", "-pthread"]
 
 setup(ext_modules=[Extension(
     "fusion._kernels",

@@ -48,9 +48,8 @@ static inline uint32_t f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return
 static inline float bf16_to_f32(uint16_t h) { return bits_f32((uint32_t)h << 16); }
 
 static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u = f32_bits(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    uint32_t u = f32_bits(f), r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : r); /* NaN stays quiet NaN */
 }
 
 static inline float f16_to_f32(uint16_t h) {
@@ -83,7 +82,7 @@ static inline float load1(const void *p, int dt, int64_t i) {
     }
 }
 
-static void load_block(float *dst, const void *p, int dt, int64_t off, int m) {
+static inline __attribute__((always_inline)) void load_block(float *dst, const void *p, int dt, int64_t off, int m) {
     int j;
     if (dt == DT_F32) {
         memcpy(dst, (const float *)p + off, (size_t)m * 4);
@@ -97,7 +96,7 @@ static void load_block(float *dst, const void *p, int dt, int64_t off, int m) {
 }
 
 /* Store a block in the output dtype; return how many stored values are not finite. */
-static int64_t store_block(void *p, int dt, int64_t off, const float *src, int m) {
+static inline __attribute__((always_inline)) int64_t store_block(void *p, int dt, int64_t off, const float *src, int m) {
     int64_t bad = 0;
     int j;
     if (dt == DT_F32) {
@@ -129,13 +128,16 @@ static inline int dt_size(int dt) { return dt == DT_F32 ? 4 : 2; }
 /* Order-preserving key: a > b as floats ⇔ key(a) > key(b) as integers; -0.0 equals 0.0 and
  * every NaN equals every other NaN and ranks above +inf, as fusion.selection.topk_mask has it. */
 static inline uint32_t order_key(float f) {
-    uint32_t u = f32_bits(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0xffc00000u; /* NaN */
-    if (u == 0x80000000u) u = 0;
-    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    uint32_t u = f32_bits(f), mag = u & 0x7fffffffu;
+    uint32_t k = (u >> 31) && mag ? ~u : (mag | 0x80000000u);
+    return mag > 0x7f800000u ? 0xffc00000u : k;
 }
 
-static inline float signf_(float x) { return (float)((x > 0.0f) - (x < 0.0f)); } /* sign(NaN) = 0 */
+/* The key of |x|: order_key(fabsf(x)) */
+static inline uint32_t abs_key(float f) {
+    uint32_t mag = f32_bits(f) & 0x7fffffffu;
+    return mag > 0x7f800000u ? 0xffc00000u : (mag | 0x80000000u);
+}
 
 /* ------------------------------------------------------------------------------------------ */
 /* Threads */
@@ -186,11 +188,25 @@ typedef struct {
     uint64_t tie_start[MAX_THREADS];
 } selector;
 
-static inline int sel_keep(const selector *s, uint32_t key, uint64_t *ties) {
-    if (s->mode != 2) return s->mode;
-    if (key > s->T) return 1;
-    if (key == s->T) return (*ties)++ < s->need;
-    return 0;
+/* keep[j] for a block of keys; *ties counts the keys equal to T seen so far in this range. */
+static inline __attribute__((always_inline)) void sel_block(const selector *s, const uint32_t *key, int m, unsigned char *keep, uint64_t *ties) {
+    uint32_t T = s->T;
+    uint64_t c = *ties;
+    int j;
+    if (m <= 0) return;
+    if (s->mode != 2) {
+        memset(keep, s->mode, (size_t)m);
+        return;
+    }
+    for (j = 0; j < m; j++) keep[j] = key[j] > T;
+    if (c < s->need) { /* some ties at T are still to be kept, in index order */
+        for (j = 0; j < m && c < s->need; j++)
+            if (key[j] == T) {
+                keep[j] = 1;
+                c++;
+            }
+        *ties = c;
+    }
 }
 
 struct job {
@@ -274,22 +290,23 @@ HOT static void pass_elementwise(job_t *job, int tid) {
 /* Keys: TIES ranks |θᵢ − θ₀| per model, SCE the float32 population variance of the deltas */
 
 /* v = (1/N)·Σᵢ (δᵢ − μ)², μ = (1/N)·Σᵢ δᵢ in float64, models in order, rounded to float32. */
-HOT static void variance_block(float *const *d, int nmodels, int m, float *v) {
+static inline __attribute__((always_inline)) void variance_block(float (*d)[BLOCK], int nmodels, int m, float *v) {
+    double s[BLOCK], q[BLOCK];
     int i, j;
-    for (j = 0; j < m; j++) {
-        double s = 0.0, q = 0.0, mean;
-        for (i = 0; i < nmodels; i++) s = s + (double)d[i][j];
-        mean = s / nmodels;
-        for (i = 0; i < nmodels; i++) {
-            double c = (double)d[i][j] - mean;
-            q = q + c * c;
+    for (j = 0; j < m; j++) s[j] = 0.0, q[j] = 0.0;
+    for (i = 0; i < nmodels; i++)
+        for (j = 0; j < m; j++) s[j] = s[j] + (double)d[i][j];
+    for (j = 0; j < m; j++) s[j] = s[j] / nmodels; /* the mean */
+    for (i = 0; i < nmodels; i++)
+        for (j = 0; j < m; j++) {
+            double c = (double)d[i][j] - s[j];
+            q[j] = q[j] + c * c;
         }
-        v[j] = (float)(q / nmodels);
-    }
+    for (j = 0; j < m; j++) v[j] = (float)(q[j] / nmodels);
 }
 
 /* The deltas of a block: d[i] = θᵢ − θ₀ for the models i = 0..N-1 (inputs 1..N). */
-HOT static void delta_block(job_t *job, int64_t pos, int m, float *b, float (*d)[BLOCK]) {
+static inline __attribute__((always_inline)) void delta_block(job_t *job, int64_t pos, int m, float *b, float (*d)[BLOCK]) {
     int i, j;
     load_block(b, job->in[0], job->dt[0], pos, m);
     for (i = 1; i < job->nin; i++) {
@@ -298,42 +315,56 @@ HOT static void delta_block(job_t *job, int64_t pos, int m, float *b, float (*d)
     }
 }
 
-/* A pass over the keys only: high-bit histogram (plus SCE's count of non-zero variances) or
- * low-bit histogram of the keys in the selected bucket. */
+/* The selection keys of a block: one row per selector. */
+static inline __attribute__((always_inline)) void key_block(job_t *job, int64_t pos, int m, float *b, float (*d)[BLOCK], uint32_t (*key)[BLOCK]) {
+    int s, j;
+    if (job->kind == KIND_SELECT) {
+        load_block(d[0], job->in[0], job->dt[0], pos, m);
+        for (j = 0; j < m; j++) key[0][j] = order_key(d[0][j]);
+    } else if (job->kind == KIND_TIES) {
+        delta_block(job, pos, m, b, d);
+        for (s = 0; s < job->nsel; s++)
+            for (j = 0; j < m; j++) key[s][j] = abs_key(d[s][j]);
+    } else {
+        float v[BLOCK];
+        delta_block(job, pos, m, b, d);
+        variance_block(d, job->nin - 1, m, v);
+        for (j = 0; j < m; j++) key[0][j] = order_key(v[j]);
+    }
+}
+
+/* A pass over the keys only: high-bit histograms (plus the count of non-zero keys), or low-bit
+ * histograms of the keys in each selector's bucket. */
 HOT static void pass_keys(job_t *job, int tid) {
-    float b[BLOCK], d[MAX_INPUTS][BLOCK], v[BLOCK];
-    float *dp[MAX_INPUTS];
+    float b[BLOCK], d[MAX_INPUTS][BLOCK];
+    uint32_t key[MAX_INPUTS][BLOCK];
+    uint32_t *hist[MAX_INPUTS], bucket[MAX_INPUTS];
+    int active[MAX_INPUTS], nactive = 0;
     int64_t pos, next_release = job->lo[tid] + RELEASE_EVERY;
     uint64_t nonzero = 0;
-    int s, j, nmodels = job->nin - 1;
-    for (s = 0; s < nmodels; s++) dp[s] = d[s];
-    for (pos = job->lo[tid]; pos < job->lo[tid + 1]; pos += BLOCK) {
+    int s, j, a;
+    for (s = 0; s < job->nsel; s++) {
+        selector *sel = &job->sel[s];
+        if (sel->mode != 2) continue;
+        hist[nactive] = (job->pass == PASS_HI ? sel->hist_hi : sel->hist_lo) + (size_t)tid * 65536;
+        bucket[nactive] = sel->bucket;
+        active[nactive++] = s;
+    }
+    for (pos = job->lo[tid]; nactive && pos < job->lo[tid + 1]; pos += BLOCK) {
         int m = (int)(job->lo[tid + 1] - pos < BLOCK ? job->lo[tid + 1] - pos : BLOCK);
-        if (job->kind == KIND_SELECT) {
-            load_block(v, job->in[0], job->dt[0], pos, m);
+        key_block(job, pos, m, b, d, key);
+        if (job->pass == PASS_HI) {
+            /* the selectors' histograms are independent: updating them in one loop overlaps
+             * the increments that hit the same bucket twice in a row */
+            for (j = 0; j < m; j++)
+                for (a = 0; a < nactive; a++) hist[a][key[active[a]][j] >> 16]++;
+            if (job->kind != KIND_TIES)
+                for (j = 0; j < m; j++) nonzero += key[0][j] != 0x80000000u;
         } else {
-            delta_block(job, pos, m, b, d);
-            if (job->kind == KIND_SCE) variance_block(dp, nmodels, m, v);
-        }
-        for (s = 0; s < job->nsel; s++) {
-            selector *sel = &job->sel[s];
-            const float *key = job->kind == KIND_TIES ? d[s] : v;
-            if (sel->mode != 2) continue;
-            if (job->pass == PASS_HI) {
-                uint32_t *h = sel->hist_hi + (size_t)tid * 65536;
-                if (job->kind == KIND_TIES)
-                    for (j = 0; j < m; j++) h[order_key(fabsf(key[j])) >> 16]++;
-                else
-                    for (j = 0; j < m; j++) {
-                        h[order_key(key[j]) >> 16]++;
-                        nonzero += key[j] != 0.0f;
-                    }
-            } else {
-                uint32_t *h = sel->hist_lo + (size_t)tid * 65536, bucket = sel->bucket;
-                for (j = 0; j < m; j++) {
-                    uint32_t k = order_key(job->kind == KIND_TIES ? fabsf(key[j]) : key[j]);
-                    if ((k >> 16) == bucket) h[k & 0xffffu]++;
-                }
+            for (a = 0; a < nactive; a++) {
+                const uint32_t *k = key[active[a]];
+                for (j = 0; j < m; j++)
+                    if ((k[j] >> 16) == bucket[a]) hist[a][k[j] & 0xffffu]++;
             }
         }
         if (pos + m >= next_release) {
@@ -345,10 +376,12 @@ HOT static void pass_keys(job_t *job, int tid) {
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* The final passes */
+/* The final passes, written as loops over a block so that the compiler vectorizes them */
 
 HOT static void pass_ties(job_t *job, int tid) {
-    float b[BLOCK], d[MAX_INPUTS][BLOCK], r[BLOCK];
+    float b[BLOCK], d[MAX_INPUTS][BLOCK], sum[BLOCK], total[BLOCK], divisor[BLOCK], r[BLOCK];
+    uint32_t key[BLOCK];
+    unsigned char keep[BLOCK];
     uint64_t ties[MAX_INPUTS];
     int64_t pos, next_release = job->lo[tid] + RELEASE_EVERY, bad = 0;
     int i, j, nmodels = job->nin - 1;
@@ -356,29 +389,28 @@ HOT static void pass_ties(job_t *job, int tid) {
     for (pos = job->lo[tid]; pos < job->lo[tid + 1]; pos += BLOCK) {
         int m = (int)(job->lo[tid + 1] - pos < BLOCK ? job->lo[tid + 1] - pos : BLOCK);
         delta_block(job, pos, m, b, d);
-        /* trim, then weigh: x = w·δ̂ */
+        for (j = 0; j < m; j++) sum[j] = 0.0f, total[j] = 0.0f, divisor[j] = 0.0f;
+        /* trim, then weigh: x = w·δ̂ (in place); s is elected by Σ x */
         for (i = 0; i < nmodels; i++) {
-            const selector *sel = &job->sel[i];
-            float w = job->w[i];
-            unsigned char *mask = job->mask[i];
+            float w = job->w[i], *x = d[i];
+            for (j = 0; j < m; j++) key[j] = abs_key(x[j]);
+            sel_block(&job->sel[i], key, m, keep, &ties[i]);
+            if (job->mask[i]) memcpy(job->mask[i] + pos, keep, (size_t)m);
+            for (j = 0; j < m; j++) x[j] = w * (keep[j] ? x[j] : 0.0f);
+            for (j = 0; j < m; j++) sum[j] = sum[j] + x[j];
+        }
+        /* disjoint merge: sign(x) = s, where sign(0) = sign(NaN) = 0 never agrees */
+        for (i = 0; i < nmodels; i++) {
+            float w = job->w[i], *x = d[i];
             for (j = 0; j < m; j++) {
-                int keep = sel_keep(sel, order_key(fabsf(d[i][j])), &ties[i]);
-                if (mask) mask[pos + j] = (unsigned char)keep;
-                d[i][j] = w * (keep ? d[i][j] : 0.0f);
+                int agrees = sum[j] >= 0.0f ? x[j] > 0.0f : x[j] < 0.0f;
+                total[j] = total[j] + (agrees ? x[j] : 0.0f);
+                divisor[j] = divisor[j] + (agrees ? w : 0.0f);
             }
         }
-        for (j = 0; j < m; j++) {
-            float sum = 0.0f, total = 0.0f, divisor = 0.0f, elected, q;
-            for (i = 0; i < nmodels; i++) sum = sum + d[i][j];
-            elected = sum >= 0.0f ? 1.0f : -1.0f;
-            for (i = 0; i < nmodels; i++) {
-                int agrees = signf_(d[i][j]) == elected;
-                total = total + (agrees ? d[i][j] : 0.0f);
-                divisor = divisor + (agrees ? job->w[i] : 0.0f);
-            }
-            q = job->normalize ? total / (divisor == 0.0f ? 1.0f : divisor) : total;
-            r[j] = b[j] + job->lam * q;
-        }
+        if (job->normalize)
+            for (j = 0; j < m; j++) total[j] = total[j] / (divisor[j] == 0.0f ? 1.0f : divisor[j]);
+        for (j = 0; j < m; j++) r[j] = b[j] + job->lam * total[j];
         bad += store_block(job->out, job->out_dt, pos, r, m);
         if (pos + m >= next_release) {
             release_upto(job, tid, pos + m);
@@ -389,44 +421,52 @@ HOT static void pass_ties(job_t *job, int tid) {
 }
 
 HOT static void pass_sce(job_t *job, int tid) {
-    float b[BLOCK], d[MAX_INPUTS][BLOCK], v[BLOCK], r[BLOCK];
-    float *dp[MAX_INPUTS];
+    float b[BLOCK], d[MAX_INPUTS][BLOCK], v[BLOCK], sum[BLOCK], total[BLOCK], divisor[BLOCK], r[BLOCK];
+    uint32_t key[BLOCK];
     unsigned char keep[BLOCK];
     double energy[MAX_INPUTS];
     uint64_t ties = job->sel->tie_start[tid];
     int64_t pos, next_release = job->lo[tid] + RELEASE_EVERY, bad = 0;
     int i, j, nmodels = job->nin - 1, merge = job->pass == PASS_MERGE;
-    for (i = 0; i < nmodels; i++) { dp[i] = d[i]; energy[i] = 0.0; }
+    for (i = 0; i < nmodels; i++) energy[i] = 0.0;
     for (pos = job->lo[tid]; pos < job->lo[tid + 1]; pos += BLOCK) {
         int m = (int)(job->lo[tid + 1] - pos < BLOCK ? job->lo[tid + 1] - pos : BLOCK);
         delta_block(job, pos, m, b, d);
         if (job->select) {
-            variance_block(dp, nmodels, m, v);
-            for (j = 0; j < m; j++) keep[j] = (unsigned char)sel_keep(job->sel, order_key(v[j]), &ties);
+            variance_block(d, nmodels, m, v);
+            for (j = 0; j < m; j++) key[j] = order_key(v[j]);
+            sel_block(job->sel, key, m, keep, &ties);
         } else {
             memset(keep, 1, (size_t)m);
         }
-        if (merge && job->mask[0]) memcpy(job->mask[0] + pos, keep, (size_t)m);
         if (!merge) {
             /* energies Σ(δᵢ⊙S)²: the square of a float32 is exact in float64 */
-            for (i = 0; i < nmodels; i++)
-                for (j = 0; j < m; j++)
-                    if (keep[j]) energy[i] += (double)d[i][j] * (double)d[i][j];
+            for (i = 0; i < nmodels; i++) {
+                double e = 0.0;
+                for (j = 0; j < m; j++) {
+                    double x = keep[j] ? (double)d[i][j] : 0.0;
+                    e += x * x;
+                }
+                energy[i] += e;
+            }
         } else {
+            if (job->mask[0]) memcpy(job->mask[0] + pos, keep, (size_t)m);
             if (job->select && job->scope_all)
                 for (i = 0; i < nmodels; i++)
                     for (j = 0; j < m; j++) d[i][j] = keep[j] ? d[i][j] : 0.0f;
-            for (j = 0; j < m; j++) {
-                float sum = 0.0f, total = 0.0f, divisor = 0.0f, elected;
-                for (i = 0; i < nmodels; i++) sum = sum + d[i][j];
-                elected = sum >= 0.0f ? 1.0f : -1.0f;
-                for (i = 0; i < nmodels; i++) {
-                    int agrees = signf_(d[i][j]) == elected;
-                    total = total + (agrees ? job->eta[i] * d[i][j] : 0.0f);
-                    divisor = divisor + (agrees ? job->eta[i] : 0.0f);
+            for (j = 0; j < m; j++) sum[j] = 0.0f, total[j] = 0.0f, divisor[j] = 0.0f;
+            for (i = 0; i < nmodels; i++)
+                for (j = 0; j < m; j++) sum[j] = sum[j] + d[i][j];
+            for (i = 0; i < nmodels; i++) {
+                float eta = job->eta[i], *x = d[i];
+                for (j = 0; j < m; j++) {
+                    int agrees = sum[j] >= 0.0f ? x[j] > 0.0f : x[j] < 0.0f;
+                    total[j] = total[j] + (agrees ? eta * x[j] : 0.0f);
+                    divisor[j] = divisor[j] + (agrees ? eta : 0.0f);
                 }
-                r[j] = b[j] + job->lam * (total / (divisor == 0.0f ? 1.0f : divisor));
             }
+            for (j = 0; j < m; j++)
+                r[j] = b[j] + job->lam * (total[j] / (divisor[j] == 0.0f ? 1.0f : divisor[j]));
             bad += store_block(job->out, job->out_dt, pos, r, m);
         }
         if (pos + m >= next_release) {
@@ -440,13 +480,15 @@ HOT static void pass_sce(job_t *job, int tid) {
 
 HOT static void pass_select(job_t *job, int tid) {
     float v[BLOCK];
+    uint32_t key[BLOCK];
     uint64_t ties = job->sel->tie_start[tid];
     int64_t pos;
     int j;
     for (pos = job->lo[tid]; pos < job->lo[tid + 1]; pos += BLOCK) {
         int m = (int)(job->lo[tid + 1] - pos < BLOCK ? job->lo[tid + 1] - pos : BLOCK);
         load_block(v, job->in[0], job->dt[0], pos, m);
-        for (j = 0; j < m; j++) job->mask[0][pos + j] = (unsigned char)sel_keep(job->sel, order_key(v[j]), &ties);
+        for (j = 0; j < m; j++) key[j] = order_key(v[j]);
+        sel_block(job->sel, key, m, job->mask[0] + pos, &ties);
     }
 }
 
@@ -498,6 +540,10 @@ static void sel_after_lo(selector *s, int nth) {
     }
     s->T = (s->bucket << 16) | (uint32_t)b;
     s->need = (uint64_t)(s->k - above);
+    if (s->need == (uint64_t)c) { /* every tie is kept: keep key ≥ T, no counting (T > 0 as k < n) */
+        s->T -= 1;
+        s->need = 0;
+    }
     for (t = 0, c = 0; t < nth; t++) {
         s->tie_start[t] = (uint64_t)c;
         c += s->hist_lo[(size_t)t * 65536 + b];
