@@ -186,6 +186,8 @@ typedef struct {
     uint32_t *hist_hi;  /* [nth][65536] */
     uint32_t *hist_lo;  /* [nth][65536] */
     uint64_t tie_start[MAX_THREADS];
+    uint32_t tl;        /* low 16 bits of T */
+    int all_ties;       /* every key equal to T is kept */
 } selector;
 
 /* keep[j] for a block of keys; *ties counts the keys equal to T seen so far in this range. */
@@ -230,6 +232,7 @@ struct job {
     int pass;
     uint64_t nonzero[MAX_THREADS];
     double energy[MAX_THREADS][MAX_INPUTS];
+    double *elo;                 /* SCE: [thread][low 16 bits][model] energies inside the bucket */
     float eta[MAX_INPUTS];
     unsigned char *mask[MAX_INPUTS]; /* optional: selection masks written by the final pass */
 };
@@ -333,6 +336,26 @@ static inline __attribute__((always_inline)) void key_block(job_t *job, int64_t 
     }
 }
 
+/* Σⱼ x², x = d[j] where keep(j): eight partial sums, so that the loop vectorizes. */
+static inline __attribute__((always_inline)) double sum_squares(const float *d, const unsigned char *keep,
+                                                                const uint32_t *key, uint32_t above, int m) {
+    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, e = 0.0;
+    int j = 0, u;
+    for (; j + 8 <= m; j += 8)
+        for (u = 0; u < 8; u++) {
+            int on = keep ? keep[j + u] : (key[j + u] >> 16) > above;
+            double x = on ? (double)d[j + u] : 0.0;
+            acc[u] += x * x;
+        }
+    for (; j < m; j++) {
+        int on = keep ? keep[j] : (key[j] >> 16) > above;
+        double x = on ? (double)d[j] : 0.0;
+        e += x * x;
+    }
+    for (u = 0; u < 8; u++) e += acc[u];
+    return e;
+}
+
 /* A pass over the keys only: high-bit histograms (plus the count of non-zero keys), or low-bit
  * histograms of the keys in each selector's bucket. */
 HOT static void pass_keys(job_t *job, int tid) {
@@ -342,7 +365,9 @@ HOT static void pass_keys(job_t *job, int tid) {
     int active[MAX_INPUTS], nactive = 0;
     int64_t pos, next_release = job->lo[tid] + RELEASE_EVERY;
     uint64_t nonzero = 0;
-    int s, j, a;
+    double above_energy[MAX_INPUTS];
+    int s, i, j, a, nmodels = job->nin - 1;
+    for (i = 0; i < nmodels; i++) above_energy[i] = 0.0;
     for (s = 0; s < job->nsel; s++) {
         selector *sel = &job->sel[s];
         if (sel->mode != 2) continue;
@@ -354,17 +379,32 @@ HOT static void pass_keys(job_t *job, int tid) {
         int m = (int)(job->lo[tid + 1] - pos < BLOCK ? job->lo[tid + 1] - pos : BLOCK);
         key_block(job, pos, m, b, d, key);
         if (job->pass == PASS_HI) {
-            /* the selectors' histograms are independent: updating them in one loop overlaps
-             * the increments that hit the same bucket twice in a row */
-            for (j = 0; j < m; j++)
-                for (a = 0; a < nactive; a++) hist[a][key[active[a]][j] >> 16]++;
+            for (a = 0; a < nactive; a++) {
+                const uint32_t *k = key[active[a]];
+                uint32_t *h = hist[a];
+                for (j = 0; j < m; j++) h[k[j] >> 16]++;
+            }
             if (job->kind != KIND_TIES)
                 for (j = 0; j < m; j++) nonzero += key[0][j] != 0x80000000u;
         } else {
             for (a = 0; a < nactive; a++) {
                 const uint32_t *k = key[active[a]];
+                uint32_t *h = hist[a], hi = bucket[a];
                 for (j = 0; j < m; j++)
-                    if ((k[j] >> 16) == bucket[a]) hist[a][k[j] & 0xffffu]++;
+                    if ((k[j] >> 16) == hi) h[k[j] & 0xffffu]++;
+            }
+            if (job->elo) {
+                /* SCE's energies come with this pass: the keys above the bucket are selected
+                 * whatever the threshold; inside it, they are summed per low 16 bits */
+                const uint32_t *k = key[0];
+                uint32_t hi = bucket[0];
+                double *elo = job->elo + (size_t)tid * 65536 * nmodels;
+                for (i = 0; i < nmodels; i++) above_energy[i] += sum_squares(d[i], NULL, k, hi, m);
+                for (j = 0; j < m; j++)
+                    if ((k[j] >> 16) == hi) {
+                        double *row = elo + (size_t)(k[j] & 0xffffu) * nmodels;
+                        for (i = 0; i < nmodels; i++) row[i] += (double)d[i][j] * (double)d[i][j];
+                    }
             }
         }
         if (pos + m >= next_release) {
@@ -373,6 +413,8 @@ HOT static void pass_keys(job_t *job, int tid) {
         }
     }
     job->nonzero[tid] = nonzero;
+    if (job->elo)
+        for (i = 0; i < nmodels; i++) job->energy[tid][i] = above_energy[i];
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -441,14 +483,7 @@ HOT static void pass_sce(job_t *job, int tid) {
         }
         if (!merge) {
             /* energies Σ(δᵢ⊙S)²: the square of a float32 is exact in float64 */
-            for (i = 0; i < nmodels; i++) {
-                double e = 0.0;
-                for (j = 0; j < m; j++) {
-                    double x = keep[j] ? (double)d[i][j] : 0.0;
-                    e += x * x;
-                }
-                energy[i] += e;
-            }
+            for (i = 0; i < nmodels; i++) energy[i] += sum_squares(d[i], keep, NULL, 0, m);
         } else {
             if (job->mask[0]) memcpy(job->mask[0] + pos, keep, (size_t)m);
             if (job->select && job->scope_all)
@@ -476,6 +511,23 @@ HOT static void pass_sce(job_t *job, int tid) {
     }
     if (merge) job->bad[tid] = bad;
     else for (i = 0; i < nmodels; i++) job->energy[tid][i] = energy[i];
+}
+
+/* SCE: add to e[] the energies of the first `quota` keys equal to T in thread t's range. */
+HOT static void tie_energy(job_t *job, int t, uint64_t quota, double *e) {
+    float b[BLOCK], d[MAX_INPUTS][BLOCK], v[BLOCK];
+    int64_t pos;
+    int i, j, nmodels = job->nin - 1;
+    for (pos = job->lo[t]; quota && pos < job->lo[t + 1]; pos += BLOCK) {
+        int m = (int)(job->lo[t + 1] - pos < BLOCK ? job->lo[t + 1] - pos : BLOCK);
+        delta_block(job, pos, m, b, d);
+        variance_block(d, nmodels, m, v);
+        for (j = 0; j < m && quota; j++)
+            if (order_key(v[j]) == job->sel->T) {
+                quota--;
+                for (i = 0; i < nmodels; i++) e[i] += (double)d[i][j] * (double)d[i][j];
+            }
+    }
 }
 
 HOT static void pass_select(job_t *job, int tid) {
@@ -539,8 +591,10 @@ static void sel_after_lo(selector *s, int nth) {
         above += c;
     }
     s->T = (s->bucket << 16) | (uint32_t)b;
+    s->tl = (uint32_t)b;
     s->need = (uint64_t)(s->k - above);
-    if (s->need == (uint64_t)c) { /* every tie is kept: keep key ≥ T, no counting (T > 0 as k < n) */
+    s->all_ties = s->need == (uint64_t)c;
+    if (s->all_ties) { /* every tie is kept: keep key ≥ T, no counting (T > 0 as k < n) */
         s->T -= 1;
         s->need = 0;
     }
@@ -790,6 +844,8 @@ static PyObject *py_sce(PyObject *self, PyObject *args) {
     long long n;
     PyObject *out, *inputs, *masks, *energies = NULL, *result = NULL;
     double tau, lam, e[MAX_INPUTS], total = 0.0;
+    int energy_done;
+    double tie_e[MAX_INPUTS];
     selector sel;
     job_t *job;
     if (!PyArg_ParseTuple(args, "OiLOdpdipO", &out, &out_dt, &n, &inputs, &tau, &scope_all, &lam,
@@ -836,6 +892,7 @@ static PyObject *py_sce(PyObject *self, PyObject *args) {
         k = product < 0 ? 0 : (product > (double)nonzero ? (int64_t)nonzero : (int64_t)product);
         sel_set_k(&sel, k, n);
         if (sel_after_hi(&sel, job->nth)) {
+            job->elo = job->nin - 1 <= 8 ? (double *)calloc((size_t)job->nth * 65536 * (job->nin - 1), 8) : NULL;
             job->pass = PASS_LO;
             run_threads(job, job->nth, pass_keys);
             sel_after_lo(&sel, job->nth);
@@ -843,15 +900,42 @@ static PyObject *py_sce(PyObject *self, PyObject *args) {
     } else {
         sel.mode = 1;
     }
-    job->pass = PASS_ENERGY;
-    run_threads(job, job->nth, pass_sce);
+    energy_done = sel.mode == 0 || (sel.mode == 2 && job->elo);
+    if (!energy_done) {
+        job->pass = PASS_ENERGY;
+        run_threads(job, job->nth, pass_sce);
+    }
+    for (i = 0; i < MAX_INPUTS; i++) tie_e[i] = 0.0;
+    if (sel.mode == 2 && job->elo) {
+        /* ties at T: each thread's are all kept, none, or (one thread) the first few */
+        int nm = job->nin - 1;
+        for (t = 0; t < job->nth; t++) {
+            uint64_t count = sel.hist_lo[(size_t)t * 65536 + sel.tl];
+            uint64_t kept = sel.all_ties ? count
+                            : (sel.need > sel.tie_start[t] ? sel.need - sel.tie_start[t] : 0);
+            if (kept >= count)
+                for (i = 0; i < nm; i++) tie_e[i] += job->elo[((size_t)t * 65536 + sel.tl) * nm + i];
+            else if (kept)
+                tie_energy(job, t, kept, tie_e);
+        }
+    }
     Py_END_ALLOW_THREADS
     /* η from the energies exactly as the reference's Python arithmetic */
     for (i = 0; i < job->nin - 1; i++) {
         e[i] = 0.0;
+        if (sel.mode == 0) continue; /* nothing selected */
         for (t = 0; t < job->nth; t++) e[i] += job->energy[t][i];
+        if (energy_done) { /* the selected part of the bucket: low bits above those of T, then T */
+            uint32_t lo;
+            int nm = job->nin - 1;
+            for (t = 0; t < job->nth; t++)
+                for (lo = sel.tl + 1; lo < 65536; lo++) e[i] += job->elo[((size_t)t * 65536 + lo) * nm + i];
+            e[i] += tie_e[i];
+        }
         total = total + e[i];
     }
+    free(job->elo);
+    job->elo = NULL;
     for (i = 0; i < job->nin - 1; i++)
         job->eta[i] = (float)(total == 0.0 ? 1.0 / (job->nin - 1) : e[i] / total);
     Py_BEGIN_ALLOW_THREADS
