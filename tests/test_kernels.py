@@ -247,12 +247,20 @@ def test_many_threads_and_ties_on_a_larger_tensor(threads):
     for mask, model, k in zip(masks, models, ks):
         assert torch.equal(mask, topk_mask((model.float() - base.float()).abs(), k))
     assert_within_one_ulp(out, reference(Ties(), base, models, params, torch.bfloat16))
-    mask = torch.empty(n, dtype=torch.bool)
-    kernels.sce(out, base, models, tau=0.1, scope_all=True, lam=1.0, threads=threads, mask=mask)
-    params = {"select_topk": 0.1, "select_scope": "all", "lambda": 1.0}
-    assert_within_one_ulp(out, reference(Sce(), base, models, params, torch.bfloat16))
-    variance = _population_variance([m.float() - base.float() for m in models])
-    assert torch.equal(mask, topk_mask(variance, topk_count(0.1, int(torch.count_nonzero(variance)))))
+    deltas = [m.float() - base.float() for m in models]
+    variance = _population_variance(deltas)
+    for tau in (0.1, 0.5, 0.999):
+        mask = torch.empty(n, dtype=torch.bool)
+        _, energies = kernels.sce(out, base, models, tau=tau, scope_all=True, lam=1.0, threads=threads,
+                                  mask=mask)
+        params = {"select_topk": tau, "select_scope": "all", "lambda": 1.0}
+        assert_within_one_ulp(out, reference(Sce(), base, models, params, torch.bfloat16))
+        selected = topk_mask(variance, topk_count(tau, int(torch.count_nonzero(variance))))
+        assert torch.equal(mask, selected)
+        # the energies of the selection, however the kernel splits its sums (ties at the k-th
+        # variance straddle the threads' ranges here)
+        expected = [float((d.double() * selected).square().sum()) for d in deltas]
+        assert energies == pytest.approx(expected, rel=1e-12)
 
 
 @needs_c
