@@ -147,6 +147,28 @@ class Checkpoint:
             flat = torch.frombuffer(mm, dtype=dtype, count=info.numel, offset=info.start)
         return flat.view(info.shape)
 
+    def raw(self, name: str) -> memoryview:
+        """The tensor's stored bytes, a read-only view into the map (safetensors only)."""
+        info = self.tensors[name]
+        if info.end <= info.start:
+            return memoryview(b"")
+        return memoryview(self._map(info.file))[info.start:info.end]
+
+    def buffer(self, name: str, numel: int | None = None):
+        """The first ``numel`` elements (default all) as a :class:`fusion.kernels.Buffer` over
+        the map, without torch (safetensors, in a dtype the C kernels read)."""
+        import numpy as np
+
+        from .kernels import Buffer
+
+        info = self.tensors[name]
+        numel = info.numel if numel is None else numel
+        size = DTYPES[info.dtype][1]
+        if numel == 0:
+            return Buffer(0, DTYPES[info.dtype][0], 0)
+        arr = np.frombuffer(self._map(info.file), dtype=np.uint8, count=numel * size, offset=info.start)
+        return Buffer(arr.ctypes.data, DTYPES[info.dtype][0], numel, arr)
+
     def _map(self, file: Path) -> mmap.mmap:
         mm = self._maps.get(file)
         if mm is None:

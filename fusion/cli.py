@@ -82,10 +82,6 @@ def merge(config, output, dry_run, force, kernel, threads, shard_size, no_card, 
 
             click.echo(render(plan))
             return
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)
         from .engine import run_merge
 
         summary = run_merge(plan, Path(output), force=force, shard_size=size, kernel=kernel,

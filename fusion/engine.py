@@ -103,33 +103,35 @@ RELEASE_BYTES = 32 << 20
 
 
 def _merge_one_c(tp: TensorPlan, strategy: Strategy, layout: Checkpoint, threads: int) -> Any:
-    """Merge with the strategy's compiled path, from the stored inputs into an output buffer
-    (no float32 copies); None when a dtype is one the kernels do not read or write."""
-    import torch
+    """Merge with the strategy's compiled path, from the memory-mapped inputs as stored into an
+    output buffer (no float32 copies, no torch); the tensor's bytes, or None where the kernels
+    cannot take it (a dtype they do not read, a pytorch_model.bin input)."""
+    import numpy as np
 
     from . import kernels
 
-    out_dtype = getattr(torch, DTYPES[tp.dtype][0])
-    views = [model.checkpoint.read(info.name) for model, info in tp.merge_sources]
-    if not kernels.supports(out_dtype) or not all(kernels.supports(v.dtype) for v in views):
+    sources = [(model.checkpoint, info) for model, info in tp.merge_sources]
+    if not kernels.supports(DTYPES[tp.dtype][0]) or any(
+            ckpt.format != "safetensors" or not kernels.supports(DTYPES[info.dtype][0])
+            for ckpt, info in sources) or (tp.rows is not None and layout.format != "safetensors"):
         return None
     rows = tp.rows if tp.rows is not None else (tp.shape[0] if tp.shape else 1)
     n = rows * math.prod(tp.shape[1:])  # the merged rows are a prefix of every input
-    flat = [v.reshape(-1)[:n] for v in views]
-    full = torch.empty(tp.shape, dtype=out_dtype)
-    out = full.reshape(-1)[:n]
-    # only read-only file maps may have their pages dropped
-    release = n * 2 >= RELEASE_BYTES and all(
-        model.checkpoint.format == "safetensors" for model, _ in tp.merge_sources)
-    base, inputs = (flat[0], flat[1:]) if tp.base else (None, flat)
+    inputs = [ckpt.buffer(info.name, n) for ckpt, info in sources]
+    full = np.empty(tp.nbytes, dtype=np.uint8)
+    out = kernels.Buffer(full.ctypes.data, DTYPES[tp.dtype][0], n, full)
+    # the inputs are read-only file maps: their pages may be dropped as they are read
+    release = n * 2 >= RELEASE_BYTES
+    base, inputs = (inputs[0], inputs[1:]) if tp.base else (None, inputs)
     try:
         bad = strategy.merge_compiled(out, base, inputs, tp.params, threads=threads, release=release)
     except FusionError as exc:
         raise MergeError(f"tensor {tp.name}: {exc}") from None
     if bad:
         raise _non_finite(tp, bad)
-    if tp.rows is not None and tp.rows < tp.shape[0]:
-        full[tp.rows:] = layout.read(tp.name)[tp.rows:]
+    merged = n * DTYPES[tp.dtype][1]
+    if merged < tp.nbytes:  # rows only the layout model has
+        full[merged:] = np.frombuffer(layout.raw(tp.name), dtype=np.uint8)[merged:]
     return full
 
 
@@ -212,12 +214,16 @@ class _WriteBehind:
 def execute(plan: Plan, folder: Path, *, shard_size: int, kernel: str = "auto",
             threads: int | None = None, progress: bool = True) -> Summary:
     """Write the plan's tensors into ``folder`` (an empty, temporary folder)."""
-    import torch  # noqa: F401  (imported here so its start-up is not timed as merging)
     from tqdm import tqdm
 
     from .kernels import default_threads
 
     kernel_name = select_kernel(plan, kernel)
+    if kernel_name == "torch":
+        import torch  # imported here so that its start-up is not timed as merging
+
+        if threads:
+            torch.set_num_threads(threads)
     threads = threads or default_threads()
     summary = Summary(output=folder, kernel=kernel_name, notices=list(plan.notices),
                       threads=threads if kernel_name == "c" else None)
@@ -237,7 +243,10 @@ def execute(plan: Plan, folder: Path, *, shard_size: int, kernel: str = "auto",
                     model.checkpoint.prefetch(info.name)
             if tp.action == "carry":
                 model, info = tp.carry_from
-                out = model.checkpoint.read(info.name)
+                ckpt = model.checkpoint
+                # the C path copies bytes and never needs torch
+                out = ckpt.raw(info.name) if kernel_name == "c" and ckpt.format == "safetensors" \
+                    else ckpt.read(info.name)
                 summary.carried += 1
             else:
                 out = None

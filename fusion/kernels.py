@@ -2,9 +2,10 @@
 
 The C extension (``fusion._kernels``) is built by ``pip install`` when a C compiler is present;
 without one the install still succeeds and every merge runs on the torch reference
-(:func:`available` says which). The functions here take flat, contiguous torch tensors in
-bfloat16, float16 or float32 (for a merge, read-only memory maps of the input files) and write
-the result straight into ``out``, a tensor of the output dtype:
+(:func:`available` says which). The functions here take flat runs of bfloat16, float16 or
+float32 numbers, as :class:`Buffer` objects or contiguous CPU torch tensors (in a merge, Buffers
+over the read-only memory maps of the input files: torch is not even imported), and write the
+result straight into ``out``, a buffer of the output dtype:
 
 - arithmetic in float32 in the reference's order, rounded once to the output dtype (nearest
   even, as torch's cast), so results equal the torch reference's; SCE's float64 sums of squares
@@ -25,7 +26,8 @@ Importing this module does not import torch.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:
     import torch
@@ -38,11 +40,31 @@ except ImportError as exc:  # not compiled: the torch reference does the work
 else:
     _why = ""
 
-__all__ = ["available", "default_threads", "status", "supports", "linear", "task_arithmetic",
-           "ties", "sce", "topk_mask", "convert"]
+__all__ = ["Buffer", "available", "buffer", "default_threads", "status", "supports", "linear",
+           "task_arithmetic", "ties", "sce", "topk_mask", "convert"]
 
-#: torch dtype name → code understood by the C kernels
+#: dtype name → code understood by the C kernels
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """``numel`` numbers of ``dtype`` ("bfloat16", "float16" or "float32") stored contiguously
+    at ``address``; ``owner`` is whatever keeps that memory alive (an array, a tensor, a map)."""
+
+    address: int
+    dtype: str
+    numel: int
+    owner: Any = None
+
+
+def buffer(obj: "Buffer | torch.Tensor") -> Buffer:
+    """A :class:`Buffer` for a Buffer or a contiguous CPU torch tensor."""
+    if isinstance(obj, Buffer):
+        return obj
+    if obj.device.type != "cpu" or not obj.is_contiguous():
+        raise ValueError("the C kernels need contiguous CPU tensors")
+    return Buffer(obj.data_ptr(), str(obj.dtype).removeprefix("torch."), obj.numel(), obj)
 
 
 def available() -> bool:
@@ -66,8 +88,8 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def supports(dtype: "torch.dtype") -> bool:
-    """Whether the kernels read and write tensors of ``dtype``."""
+def supports(dtype: "torch.dtype | str") -> bool:
+    """Whether the kernels read and write numbers of ``dtype`` (a torch dtype or its name)."""
     return str(dtype).removeprefix("torch.") in DTYPE_CODES
 
 
@@ -79,16 +101,17 @@ def _need() -> None:
                           "where a C compiler is available, or use --kernel torch")
 
 
-def _buffer(t: "torch.Tensor", n: int, what: str) -> tuple[int, int]:
-    code = DTYPE_CODES.get(str(t.dtype).removeprefix("torch."))
+def _buffer(t: "Buffer | torch.Tensor", n: int, what: str) -> tuple[int, int]:
+    b = buffer(t)
+    code = DTYPE_CODES.get(b.dtype)
     if code is None:
-        raise TypeError(f"{what}: dtype {t.dtype} is not supported by the C kernels")
-    if t.device.type != "cpu" or not t.is_contiguous() or t.numel() != n:
-        raise ValueError(f"{what}: expected a contiguous CPU tensor of {n} elements")
-    return t.data_ptr(), code
+        raise TypeError(f"{what}: dtype {b.dtype} is not supported by the C kernels")
+    if b.numel != n:
+        raise ValueError(f"{what}: expected {n} elements, not {b.numel}")
+    return b.address, code
 
 
-def _inputs(base: "torch.Tensor | None", tensors: Sequence["torch.Tensor"], n: int) -> list:
+def _inputs(base, tensors, n: int) -> list:
     both = ([base] if base is not None else []) + list(tensors)
     return [_buffer(t, n, f"input {i}") for i, t in enumerate(both)]
 
@@ -97,35 +120,35 @@ def _threads(threads: int | None) -> int:
     return default_threads() if threads is None else max(1, int(threads))
 
 
-def linear(out: "torch.Tensor", tensors: Sequence["torch.Tensor"], weights: Sequence[float], *,
+def linear(out: "Buffer | torch.Tensor", tensors: Sequence["Buffer | torch.Tensor"], weights: Sequence[float], *,
            normalize: bool, threads: int | None = None, release: bool = False) -> int:
     """out = Σ wᵢθᵢ, divided by Σ wᵢ when ``normalize`` (the caller rejects a zero sum)."""
     _need()
-    n = out.numel()
+    n = buffer(out).numel
     o, code = _buffer(out, n, "out")
     return _c.elementwise(0, o, code, n, _inputs(None, tensors, n), [float(w) for w in weights],
                           1.0, bool(normalize), float(sum(weights)), _threads(threads), bool(release))
 
 
-def task_arithmetic(out: "torch.Tensor", base: "torch.Tensor", tensors: Sequence["torch.Tensor"],
+def task_arithmetic(out: "Buffer | torch.Tensor", base: "Buffer | torch.Tensor", tensors: Sequence["Buffer | torch.Tensor"],
                     weights: Sequence[float], *, lam: float, normalize: bool,
                     threads: int | None = None, release: bool = False) -> int:
     """out = θ₀ + λ·Σ wᵢ(θᵢ − θ₀), the sum divided by Σ wᵢ when ``normalize``."""
     _need()
-    n = out.numel()
+    n = buffer(out).numel
     o, code = _buffer(out, n, "out")
     return _c.elementwise(1, o, code, n, _inputs(base, tensors, n), [0.0] + [float(w) for w in weights],
                           float(lam), bool(normalize), float(sum(weights)), _threads(threads), bool(release))
 
 
-def ties(out: "torch.Tensor", base: "torch.Tensor", tensors: Sequence["torch.Tensor"],
+def ties(out: "Buffer | torch.Tensor", base: "Buffer | torch.Tensor", tensors: Sequence["Buffer | torch.Tensor"],
          weights: Sequence[float], ks: Sequence[int], *, lam: float, normalize: bool,
          threads: int | None = None, release: bool = False,
          masks: Sequence["torch.Tensor"] | None = None) -> int:
     """TIES with kᵢ entries of each task vector kept; ``masks`` (bool tensors, optional)
     receive the trim masks."""
     _need()
-    n = out.numel()
+    n = buffer(out).numel
     o, code = _buffer(out, n, "out")
     mask_ptrs = None if masks is None else [_mask(m, n) for m in masks]
     return _c.ties(o, code, n, _inputs(base, tensors, n), [float(w) for w in weights],
@@ -133,13 +156,13 @@ def ties(out: "torch.Tensor", base: "torch.Tensor", tensors: Sequence["torch.Ten
                    bool(release), mask_ptrs)
 
 
-def sce(out: "torch.Tensor", base: "torch.Tensor", tensors: Sequence["torch.Tensor"], *,
+def sce(out: "Buffer | torch.Tensor", base: "Buffer | torch.Tensor", tensors: Sequence["Buffer | torch.Tensor"], *,
         tau: float, scope_all: bool, lam: float, threads: int | None = None,
         release: bool = False, mask: "torch.Tensor | None" = None) -> tuple[int, list[float]]:
     """SCE; returns (non-finite count, Σ(δᵢ⊙S)² per model). ``mask`` (bool, optional) receives
     the selection S."""
     _need()
-    n = out.numel()
+    n = buffer(out).numel
     o, code = _buffer(out, n, "out")
     return _c.sce(o, code, n, _inputs(base, tensors, n), float(tau), bool(scope_all), float(lam),
                   _threads(threads), bool(release), None if mask is None else [_mask(mask, n)])

@@ -17,6 +17,8 @@ from .errors import ConfigError
 if TYPE_CHECKING:  # torch stays out of `fusion --help` and `fusion plugins`
     import torch
 
+    from . import kernels
+
 _TYPE_NAMES = {float: "number", int: "integer", bool: "true/false", str: "string"}
 
 
@@ -126,19 +128,20 @@ class Strategy:
 
     def merge_compiled(
         self,
-        out: "torch.Tensor",
-        base: "torch.Tensor | None",
-        tensors: "Sequence[torch.Tensor]",
+        out: "kernels.Buffer",
+        base: "kernels.Buffer | None",
+        tensors: "Sequence[kernels.Buffer]",
         params: Mapping[str, Any],
         *,
         threads: int,
         release: bool,
     ) -> int:
         """Optional compiled path, used under ``--kernel c`` (and ``auto`` when the C kernels are
-        built): merge the flat, contiguous inputs as stored (bfloat16, float16 or float32,
-        read-only) straight into ``out``, a flat tensor of the output dtype, typically with
-        :mod:`fusion.kernels`. Return the number of non-finite values written. ``threads`` and
-        ``release`` are passed on to the kernels. The result must agree with :meth:`merge`."""
+        built): merge the inputs as stored (flat :class:`fusion.kernels.Buffer` runs of bfloat16,
+        float16 or float32; read-only) straight into ``out``, a flat buffer of the output dtype,
+        typically with :mod:`fusion.kernels`. Return the number of non-finite values written.
+        ``threads`` and ``release`` are passed on to the kernels. The result must agree with
+        :meth:`merge`."""
         raise NotImplementedError
 
     @property

@@ -62,7 +62,7 @@ class Ties(fusion.Strategy):
     def merge_compiled(self, out, base, tensors, params, *, threads, release):
         from fusion import kernels
 
-        n = out.numel()
+        n = kernels.buffer(out).numel
         return kernels.ties(
             out, base, tensors, params["weight"], [topk_count(d, n) for d in params["density"]],
             lam=params["lambda"], normalize=params["normalize"], threads=threads, release=release)
