@@ -182,13 +182,13 @@ class _WriteBehind:
                 if item is None:
                     return
                 name, tensor, done = item
-                if self.error is None:
-                    try:
+                try:
+                    if self.error is None:
                         self.writer.write(name, tensor)
-                    except BaseException as exc:  # re-raised in the merging thread
-                        self.error = exc
-                del tensor
-                done()
+                    del tensor
+                    done()
+                except BaseException as exc:  # re-raised in the merging thread
+                    self.error = self.error or exc
             finally:
                 self.queue.task_done()
 
@@ -273,8 +273,9 @@ def execute(plan: Plan, folder: Path, *, shard_size: int, kernel: str = "auto",
             behind.close_quietly()
         bar.close()
     if fallback:
-        summary.notices.append(f"{fallback} tensor(s) in a dtype the C kernels do not read were merged "
-                               f"by the torch reference")
+        summary.notices.append(f"{fallback} tensor(s) the C kernels cannot read (a dtype other than "
+                               f"bf16/fp16/fp32, or a pytorch_model.bin input) were merged by the "
+                               f"torch reference")
     summary.bytes_written = total
     summary.seconds = time.perf_counter() - start
     return summary

@@ -410,3 +410,23 @@ def test_sce_kernel_energies_are_sums_of_squares():
     _, energies = kernels.sce(out, base, models, tau=1.0, scope_all=True, lam=1.0)
     assert energies == [sum(x * x for x in m.tolist()) for m in models]
     assert math.isclose(sum(energies), 15.3125)
+
+
+@needs_c
+def test_inputs_the_kernels_cannot_read_fall_back_to_torch(family, capsys):
+    """A float64 fine-tune: its tensors are merged by the torch reference, with a notice."""
+    from fusion.cli import main
+
+    shape = Shape(vocab=26, intermediate=40, heads=4, head_dim=8)
+    base = load_folder(family / "base")
+    save_checkpoint(family / "f64", shape, "float32",
+                    {k: v.double() + 0.01 for k, v in base.items()})
+    cfg = family / "f64.yaml"
+    cfg.write_text("merge_method: ties\nbase_model: ./base\nmodels:\n  - model: ./f64\n  - model: ./b\n"
+                   "parameters: {density: 0.5}\n")
+    main(["merge", str(cfg), "-o", str(family / "c"), "--kernel", "c"])
+    out = capsys.readouterr().out
+    assert "c kernel" in out and "merged by the torch reference" in out, out
+    main(["merge", str(cfg), "-o", str(family / "torch"), "--kernel", "torch", "-q"])
+    c, t = load_folder(family / "c"), load_folder(family / "torch")
+    assert all(torch.equal(c[name], t[name]) for name in t)
