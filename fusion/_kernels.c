@@ -1011,7 +1011,31 @@ static PyObject *py_convert(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* address(obj): where the bytes of a buffer-protocol object start (read-only ones too); the
+ * caller keeps obj alive while the address is used */
+static PyObject *py_address(PyObject *self, PyObject *obj) {
+    Py_buffer view;
+    PyObject *result;
+    if (PyObject_GetBuffer(obj, &view, PyBUF_SIMPLE) < 0) return NULL;
+    result = PyLong_FromVoidPtr(view.buf);
+    PyBuffer_Release(&view);
+    return result;
+}
+
+/* empty(nbytes): an uninitialized bytearray (the kernels overwrite every byte) */
+static PyObject *py_empty(PyObject *self, PyObject *arg) {
+    Py_ssize_t n = PyLong_AsSsize_t(arg);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    if (n < 0) {
+        PyErr_SetString(PyExc_ValueError, "a size cannot be negative");
+        return NULL;
+    }
+    return PyByteArray_FromStringAndSize(NULL, n);
+}
+
 static PyMethodDef methods[] = {
+    {"address", py_address, METH_O, "The address of a buffer's bytes."},
+    {"empty", py_empty, METH_O, "An uninitialized bytearray."},
     {"elementwise", py_elementwise, METH_VARARGS, "Linear / task arithmetic over raw buffers."},
     {"ties", py_ties, METH_VARARGS, "TIES over raw buffers."},
     {"sce", py_sce, METH_VARARGS, "SCE over raw buffers."},

@@ -157,17 +157,11 @@ class Checkpoint:
     def buffer(self, name: str, numel: int | None = None):
         """The first ``numel`` elements (default all) as a :class:`fusion.kernels.Buffer` over
         the map, without torch (safetensors, in a dtype the C kernels read)."""
-        import numpy as np
-
-        from .kernels import Buffer
+        from .kernels import from_bytes
 
         info = self.tensors[name]
         numel = info.numel if numel is None else numel
-        size = DTYPES[info.dtype][1]
-        if numel == 0:
-            return Buffer(0, DTYPES[info.dtype][0], 0)
-        arr = np.frombuffer(self._map(info.file), dtype=np.uint8, count=numel * size, offset=info.start)
-        return Buffer(arr.ctypes.data, DTYPES[info.dtype][0], numel, arr)
+        return from_bytes(self.raw(name), DTYPES[info.dtype][0], numel)
 
     def _map(self, file: Path) -> mmap.mmap:
         mm = self._maps.get(file)

@@ -106,8 +106,6 @@ def _merge_one_c(tp: TensorPlan, strategy: Strategy, layout: Checkpoint, threads
     """Merge with the strategy's compiled path, from the memory-mapped inputs as stored into an
     output buffer (no float32 copies, no torch); the tensor's bytes, or None where the kernels
     cannot take it (a dtype they do not read, a pytorch_model.bin input)."""
-    import numpy as np
-
     from . import kernels
 
     sources = [(model.checkpoint, info) for model, info in tp.merge_sources]
@@ -118,8 +116,8 @@ def _merge_one_c(tp: TensorPlan, strategy: Strategy, layout: Checkpoint, threads
     rows = tp.rows if tp.rows is not None else (tp.shape[0] if tp.shape else 1)
     n = rows * math.prod(tp.shape[1:])  # the merged rows are a prefix of every input
     inputs = [ckpt.buffer(info.name, n) for ckpt, info in sources]
-    full = np.empty(tp.nbytes, dtype=np.uint8)
-    out = kernels.Buffer(full.ctypes.data, DTYPES[tp.dtype][0], n, full)
+    full = kernels.empty(tp.nbytes)
+    out = kernels.from_bytes(full, DTYPES[tp.dtype][0], n)
     # the inputs are read-only file maps: their pages may be dropped as they are read
     release = n * 2 >= RELEASE_BYTES
     base, inputs = (inputs[0], inputs[1:]) if tp.base else (None, inputs)
@@ -131,7 +129,7 @@ def _merge_one_c(tp: TensorPlan, strategy: Strategy, layout: Checkpoint, threads
         raise _non_finite(tp, bad)
     merged = n * DTYPES[tp.dtype][1]
     if merged < tp.nbytes:  # rows only the layout model has
-        full[merged:] = np.frombuffer(layout.raw(tp.name), dtype=np.uint8)[merged:]
+        full[merged:] = layout.raw(tp.name)[merged:]
     return full
 
 

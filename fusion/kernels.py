@@ -40,8 +40,8 @@ except ImportError as exc:  # not compiled: the torch reference does the work
 else:
     _why = ""
 
-__all__ = ["Buffer", "available", "buffer", "default_threads", "status", "supports", "linear",
-           "task_arithmetic", "ties", "sce", "topk_mask", "convert"]
+__all__ = ["Buffer", "available", "buffer", "default_threads", "empty", "from_bytes", "status",
+           "supports", "linear", "task_arithmetic", "ties", "sce", "topk_mask", "convert"]
 
 #: dtype name → code understood by the C kernels
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
@@ -56,6 +56,21 @@ class Buffer:
     dtype: str
     numel: int
     owner: Any = None
+
+
+def from_bytes(data: Any, dtype: str, numel: int) -> Buffer:
+    """A :class:`Buffer` of ``numel`` numbers of ``dtype`` at the start of ``data``, any object
+    with the buffer protocol (a memoryview into a map, a bytearray), read-only or not."""
+    _need()
+    if memoryview(data).nbytes < numel * (4 if dtype == "float32" else 2):
+        raise ValueError(f"{numel} {dtype} numbers do not fit in {memoryview(data).nbytes} bytes")
+    return Buffer(_c.address(data) if numel else 0, dtype, numel, data)
+
+
+def empty(nbytes: int) -> bytearray:
+    """An uninitialized bytearray of ``nbytes`` (for outputs the kernels fill completely)."""
+    _need()
+    return _c.empty(nbytes)
 
 
 def buffer(obj: "Buffer | torch.Tensor") -> Buffer:
