@@ -183,6 +183,7 @@ typedef struct {
     uint32_t T;         /* the k-th key */
     uint64_t need;      /* how many keys equal to T are kept, in index order */
     int64_t above_hi;   /* keys in buckets above `bucket` */
+    int nth;            /* threads the tables below were made for */
     uint32_t *hist_hi;  /* [nth][65536] */
     uint32_t *hist_lo;  /* [nth][65536] */
     uint64_t tie_start[MAX_THREADS];
@@ -547,15 +548,27 @@ HOT static void pass_select(job_t *job, int tid) {
 /* ------------------------------------------------------------------------------------------ */
 /* Driving a selection: k → threshold, from the histograms of the passes */
 
+/* Zeroed tables straight from the kernel: their pages are only materialized where counted, and
+ * never cleared by hand (calloc would clear them once malloc reuses freed memory). */
+static void *zalloc(size_t bytes) {
+    void *p = mmap(NULL, bytes ? bytes : 1, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    return p == MAP_FAILED ? NULL : p;
+}
+
+static void zfree(void *p, size_t bytes) {
+    if (p) munmap(p, bytes ? bytes : 1);
+}
+
 static int sel_alloc(selector *s, int nth) {
-    s->hist_hi = (uint32_t *)calloc((size_t)nth * 65536, 4);
-    s->hist_lo = (uint32_t *)calloc((size_t)nth * 65536, 4);
+    s->nth = nth;
+    s->hist_hi = (uint32_t *)zalloc((size_t)nth * 65536 * 4);
+    s->hist_lo = (uint32_t *)zalloc((size_t)nth * 65536 * 4);
     return s->hist_hi && s->hist_lo;
 }
 
 static void sel_free(selector *s) {
-    free(s->hist_hi);
-    free(s->hist_lo);
+    zfree(s->hist_hi, (size_t)s->nth * 65536 * 4);
+    zfree(s->hist_lo, (size_t)s->nth * 65536 * 4);
     s->hist_hi = s->hist_lo = NULL;
 }
 
@@ -892,7 +905,7 @@ static PyObject *py_sce(PyObject *self, PyObject *args) {
         k = product < 0 ? 0 : (product > (double)nonzero ? (int64_t)nonzero : (int64_t)product);
         sel_set_k(&sel, k, n);
         if (sel_after_hi(&sel, job->nth)) {
-            job->elo = job->nin - 1 <= 8 ? (double *)calloc((size_t)job->nth * 65536 * (job->nin - 1), 8) : NULL;
+            job->elo = job->nin - 1 <= 8 ? (double *)zalloc((size_t)job->nth * 65536 * (job->nin - 1) * 8) : NULL;
             job->pass = PASS_LO;
             run_threads(job, job->nth, pass_keys);
             sel_after_lo(&sel, job->nth);
@@ -934,7 +947,7 @@ static PyObject *py_sce(PyObject *self, PyObject *args) {
         }
         total = total + e[i];
     }
-    free(job->elo);
+    zfree(job->elo, (size_t)job->nth * 65536 * (job->nin - 1) * 8);
     job->elo = NULL;
     for (i = 0; i < job->nin - 1; i++)
         job->eta[i] = (float)(total == 0.0 ? 1.0 / (job->nin - 1) : e[i] / total);
