@@ -26,9 +26,10 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__APPLE__)
-/* fmaf() is one instruction with FMA, a library call without: compile the hot loops twice. */
-#define HOT __attribute__((target_clones("arch=x86-64-v3", "default")))
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__APPLE__) && !defined(FUSION_PORTABLE)
+/* Compile the hot loops for AVX-512 and AVX2 machines too (wider vectors; fmaf() is one
+ * instruction with FMA, a library call without); the loader picks the best the CPU runs. */
+#define HOT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define HOT
 #endif
