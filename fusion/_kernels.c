@@ -28,7 +28,8 @@
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__APPLE__) && !defined(FUSION_PORTABLE)
 /* Compile the hot loops for AVX-512 and AVX2 machines too (wider vectors; fmaf() is one
- * instruction with FMA, a library call without); the loader picks the best the CPU runs. */
+ * instruction with FMA, a library call without); the loader picks the best the CPU runs.
+ * -DFUSION_PORTABLE builds the baseline only. */
 #define HOT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define HOT
