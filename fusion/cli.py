@@ -60,7 +60,7 @@ _cache_dir = click.option("--cache-dir", type=click.Path(file_okay=False), defau
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--kernel", type=click.Choice(["auto", "c", "torch"]), default="auto", show_default=True,
               help="Merge kernels: compiled C, the torch reference, or the best available.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads for the merge arithmetic (default: every CPU this process may use).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads for the merge arithmetic (default: all CPUs).")
 @click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard (e.g. 5GB, 500MB).")
 @click.option("--no-card", is_flag=True, help="Do not write a model card (README.md).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
