@@ -2,10 +2,11 @@
 
 Builds Qwen2-shaped bf16 models (a base and three fine-tunes) with more and more layers of the
 same width, merges each with task arithmetic in a fresh process, and reports peak RSS next to the
-baseline of a process that only imports fusion and torch (measured in the same run). Flat memory
-means the extra RSS tracks the largest tensor times the number of models, not the model size.
+baseline of a process that only imports what that kernel path imports (fusion, plus torch for
+`--kernel torch`; the C path never imports torch), measured in the same run. Flat memory means
+the extra RSS tracks the largest tensor, not the model size.
 
-    .venv/bin/python benchmarks/memory.py [--layers 2 8 32] [--hidden 512]
+    .venv/bin/python benchmarks/memory.py [--layers 2 8 32] [--hidden 512] [--kernel c|torch]
 """
 
 from __future__ import annotations
@@ -27,11 +28,10 @@ try:
 finally:
     {PEAK}
 """
-BASELINE = f"""
-import sys, torch, fusion.engine, fusion.plan
-torch.ones(4).sum()
-{PEAK}
-"""
+BASELINE = {
+    "torch": f"import sys, torch, fusion.engine, fusion.plan\ntorch.ones(4).sum()\n{PEAK}",
+    "c": f"import sys, numpy, fusion.engine, fusion.plan, fusion.kernels\n{PEAK}",
+}
 
 
 def peak_kb(code: str, *args: str) -> int:
@@ -45,11 +45,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, nargs="+", default=[2, 8, 32])
     ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--kernel", choices=["c", "torch"], default="c")
     args = ap.parse_args()
     from fusion.demo import TINY_QWEN2, make_family, qwen2_tensor_shapes, write_model
 
-    base_rss = peak_kb(BASELINE)
-    print(f"baseline (python + torch + fusion imported): {base_rss / 1024:.0f} MB")
+    base_rss = peak_kb(BASELINE[args.kernel])
+    print(f"--kernel {args.kernel}; baseline (python + what that path imports): {base_rss / 1024:.0f} MB")
     print(f"{'layers':>6} {'model MB':>9} {'largest MB':>10} {'peak RSS MB':>11} {'above baseline':>14}")
     for layers in args.layers:
         cfg = dict(TINY_QWEN2, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
@@ -69,7 +70,8 @@ def main() -> None:
                 "  - model: ./chat\n  - model: ./code\n  - model: ./third\n")
             for f in root.glob("*/model.safetensors"):  # warm the page cache
                 f.read_bytes()
-            rss = peak_kb(CHILD, "merge", str(root / "merge.yaml"), "-o", str(root / "out"), "-q")
+            rss = peak_kb(CHILD, "merge", str(root / "merge.yaml"), "-o", str(root / "out"), "-q",
+                          "--kernel", args.kernel)
         print(f"{layers:>6} {sum(sizes) / 1e6:>9.0f} {max(sizes) / 1e6:>10.1f} {rss / 1024:>11.0f} "
               f"{(rss - base_rss) / 1024:>14.0f}")
 

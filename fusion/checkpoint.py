@@ -152,14 +152,46 @@ class Checkpoint:
         dtype = getattr(torch, DTYPES[info.dtype][0])
         if info.numel == 0:
             return torch.empty(info.shape, dtype=dtype)
-        mm = self._maps.get(info.file)
-        if mm is None:
-            with open(info.file, "rb") as f:
-                mm = self._maps[info.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        mm = self._map(info.file)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the map is read-only and no one writes to it
             flat = torch.frombuffer(mm, dtype=dtype, count=info.numel, offset=info.start)
         return flat.view(info.shape)
+
+    def raw(self, name: str) -> memoryview:
+        """The tensor's stored bytes, a read-only view into the map (safetensors only)."""
+        info = self.tensors[name]
+        if info.end <= info.start:
+            return memoryview(b"")
+        return memoryview(self._map(info.file))[info.start:info.end]
+
+    def buffer(self, name: str, numel: int | None = None):
+        """The first ``numel`` elements (default all) as a :class:`fusion.kernels.Buffer` over
+        the map, without torch (safetensors, in a dtype the C kernels read)."""
+        from .kernels import from_bytes
+
+        info = self.tensors[name]
+        numel = info.numel if numel is None else numel
+        return from_bytes(self.raw(name), DTYPES[info.dtype][0], numel)
+
+    def _map(self, file: Path) -> mmap.mmap:
+        mm = self._maps.get(file)
+        if mm is None:
+            with open(file, "rb") as f:
+                mm = self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return mm
+
+    def prefetch(self, name: str) -> None:
+        """Ask the OS to start reading the tensor's pages (a hint; nothing waits for it)."""
+        info = self.tensors[name]
+        if self.format != "safetensors" or not hasattr(mmap, "MADV_WILLNEED") or info.end <= info.start:
+            return
+        mm = self._map(info.file)
+        start = info.start - info.start % mmap.PAGESIZE
+        try:
+            mm.madvise(mmap.MADV_WILLNEED, start, info.end - start)
+        except (OSError, ValueError):
+            pass
 
     def release(self, name: str) -> None:
         """Drop the tensor's pages from this process (they stay in the OS page cache)."""

@@ -70,7 +70,7 @@ _cache_dir = click.option("--cache-dir", type=click.Path(file_okay=False), defau
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--kernel", type=click.Choice(["auto", "c", "torch"]), default="auto", show_default=True,
               help="Merge kernels: compiled C, the torch reference, or the best available.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads for the merge arithmetic.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads for the merge arithmetic (default: all CPUs).")
 @click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard (e.g. 5GB, 500MB).")
 @click.option("--no-card", is_flag=True, help="Do not write a model card (README.md).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
@@ -89,14 +89,10 @@ def merge(config, output, dry_run, force, kernel, threads, shard_size, no_card, 
 
             click.echo(render(plan))
             return
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)
         from .engine import run_merge
 
         summary = run_merge(plan, Path(output), force=force, shard_size=size, kernel=kernel,
-                            progress=not quiet, card=not no_card)
+                            threads=threads, progress=not quiet, card=not no_card)
     finally:
         plan.close()
     if not quiet:
@@ -194,6 +190,9 @@ def plugins(as_json):
             for name in names:
                 if name in known:
                     click.echo(f"  {kind} {name}: {known[name].description}")
+    from .kernels import status
+
+    click.echo(status())
 
 
 @cli.command()

@@ -17,6 +17,8 @@ from .errors import ConfigError
 if TYPE_CHECKING:  # torch stays out of `fusion --help` and `fusion plugins`
     import torch
 
+    from . import kernels
+
 _TYPE_NAMES = {float: "number", int: "integer", bool: "true/false", str: "string"}
 
 
@@ -123,6 +125,29 @@ class Strategy:
         """Merge one tensor: ``base`` (θ₀, or None) and the models' tensors (θ₁..θₙ), all float32
         and of one shape, into a float32 tensor of that shape."""
         raise NotImplementedError
+
+    def merge_compiled(
+        self,
+        out: "kernels.Buffer",
+        base: "kernels.Buffer | None",
+        tensors: "Sequence[kernels.Buffer]",
+        params: Mapping[str, Any],
+        *,
+        threads: int,
+        release: bool,
+    ) -> int:
+        """Optional compiled path, used under ``--kernel c`` (and ``auto`` when the C kernels are
+        built): merge the inputs as stored (flat :class:`fusion.kernels.Buffer` runs of bfloat16,
+        float16 or float32; read-only) straight into ``out``, a flat buffer of the output dtype,
+        typically with :mod:`fusion.kernels`. Return the number of non-finite values written.
+        ``threads`` and ``release`` are passed on to the kernels. The result must agree with
+        :meth:`merge`."""
+        raise NotImplementedError
+
+    @property
+    def compiled(self) -> bool:
+        """Whether this strategy has a compiled path (overrides :meth:`merge_compiled`)."""
+        return type(self).merge_compiled is not Strategy.merge_compiled
 
     def param(self, name: str) -> Param | None:
         for p in self.parameters:

@@ -98,17 +98,26 @@ class ShardedWriter:
         self._shard = -1
 
     def write(self, name: str, tensor) -> None:
+        """Write the next tensor: a torch tensor, or its raw bytes (any buffer, e.g. a memoryview
+        or numpy array) in the planned dtype and row-major order."""
         shard, expected, dtype, shape, n = self.order[self._next]
         if name != expected:
             raise RuntimeError(f"tensor {name} written out of plan order (expected {expected})")
-        if tuple(tensor.shape) != shape or str(tensor.dtype).removeprefix("torch.") != DTYPES[dtype][0]:
+        raw = not hasattr(tensor, "element_size")
+        if raw:
+            tensor = memoryview(tensor).cast("B")
+            if tensor.nbytes != n:
+                raise RuntimeError(f"tensor {name} has {tensor.nbytes} bytes, planned {n}")
+        elif tuple(tensor.shape) != shape or str(tensor.dtype).removeprefix("torch.") != DTYPES[dtype][0]:
             raise RuntimeError(f"tensor {name} is {tensor.dtype} {list(tensor.shape)}, planned {dtype} {list(shape)}")
         if shard != self._shard:
             self._close()
             self._shard = shard
             self._file = open(self.folder / self.files[shard], "wb")
             self._file.write(self.headers[shard])
-        if n:
+        if n and raw:
+            self._file.write(tensor)
+        elif n:
             flat = tensor.contiguous().reshape(-1)
             import torch
 

@@ -5,6 +5,16 @@ from __future__ import annotations
 import fusion
 
 
+def _denominator(weights: list[float]) -> float:
+    denominator = sum(weights)
+    if abs(denominator) < 1e-8:
+        raise fusion.MergeError(
+            f"the linear weights {weights} sum to 0, so their average is undefined; "
+            f"change the weights or set normalize: false"
+        )
+    return denominator
+
+
 class Linear(fusion.Strategy):
     name = "linear"
     description = "Weighted average of the models' parameters: Σ wᵢθᵢ / Σ wᵢ."
@@ -23,13 +33,15 @@ class Linear(fusion.Strategy):
             total.add_(t, alpha=w)
         if not params["normalize"]:
             return total
-        denominator = sum(weights)
-        if abs(denominator) < 1e-8:
-            raise fusion.MergeError(
-                f"the linear weights {weights} sum to 0, so their average is undefined; "
-                f"change the weights or set normalize: false"
-            )
-        return total.div_(denominator)
+        return total.div_(_denominator(weights))
+
+    def merge_compiled(self, out, base, tensors, params, *, threads, release):
+        from fusion import kernels
+
+        if params["normalize"]:
+            _denominator(params["weight"])
+        return kernels.linear(out, tensors, params["weight"], normalize=params["normalize"],
+                              threads=threads, release=release)
 
 
 @fusion.hookimpl

@@ -87,6 +87,14 @@ class Sce(fusion.Strategy):
         divisor = sum(torch.where(m, eta, 0.0) for m, eta in zip(agrees, etas))
         return base + params["lambda"] * (total / torch.where(divisor == 0, 1.0, divisor))
 
+    def merge_compiled(self, out, base, tensors, params, *, threads, release):
+        from fusion import kernels
+
+        bad, _ = kernels.sce(out, base, tensors, tau=params["select_topk"],
+                             scope_all=params["select_scope"] == "all", lam=params["lambda"],
+                             threads=threads, release=release)
+        return bad
+
 
 @fusion.hookimpl
 def register_strategies(register: Callable[[fusion.Strategy], None]) -> None:

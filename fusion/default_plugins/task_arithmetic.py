@@ -26,6 +26,15 @@ class TaskArithmetic(fusion.Strategy):
             delta.div_(sum(weights))
         return base.add_(delta, alpha=params["lambda"])
 
+    def merge_compiled(self, out, base, tensors, params, *, threads, release):
+        from fusion import kernels
+
+        weights = params["weight"]
+        return kernels.task_arithmetic(
+            out, base, tensors, weights, lam=params["lambda"],
+            normalize=params["normalize"] and abs(sum(weights)) >= 1e-8,
+            threads=threads, release=release)
+
 
 @fusion.hookimpl
 def register_strategies(register) -> None:

@@ -59,6 +59,14 @@ class Ties(fusion.Strategy):
             total = total / torch.where(divisor == 0, 1.0, divisor)
         return base + params["lambda"] * total
 
+    def merge_compiled(self, out, base, tensors, params, *, threads, release):
+        from fusion import kernels
+
+        n = kernels.buffer(out).numel
+        return kernels.ties(
+            out, base, tensors, params["weight"], [topk_count(d, n) for d in params["density"]],
+            lam=params["lambda"], normalize=params["normalize"], threads=threads, release=release)
+
 
 @fusion.hookimpl
 def register_strategies(register: Callable[[fusion.Strategy], None]) -> None:

@@ -1,0 +1,246 @@
+"""Speed and memory of `fusion merge` with the C kernels, the torch reference and (optionally)
+mergekit, on a Qwen2-0.5B-shaped base and three bf16 fine-tunes (~1 GB each).
+
+    .venv/bin/python benchmarks/kernels.py --dir /tmp/fusion-bench [--shape 0.5b|7b]
+        [--methods task_arithmetic ties sce] [--repeats 3] [--threads N]
+        [--mergekit PATH/TO/mergekit-yaml] [--chart kernels.png] [--keep-outputs]
+
+The model set is made under DIR/<shape>/ once and reused. Every merge runs as a fresh process
+(start-up and imports included, as users see it), after one warm-up read of the inputs, so the
+page cache is warm. Reported: the median and best wall time over the repeats (on a shared
+machine the best is the better estimate of what the code costs), the median merge time fusion
+reports itself, peak RSS (the process's own high-water mark), and ratios of the median wall time
+against the time to read the four inputs and write one output file, measured in the same run. This script never
+imports torch itself, so the RSS of the processes it starts is theirs alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SHAPES = {
+    "0.5b": {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+             "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936,
+             "tie_word_embeddings": True},
+    "7b": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+           "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+           "tie_word_embeddings": False},
+}
+MODELS = ("base", "ft1", "ft2", "ft3")
+CONFIGS = {
+    "task_arithmetic": "parameters: {weight: 0.3, lambda: 1.0}",
+    "ties": "parameters: {weight: 0.3, density: 0.5}",
+    "sce": "parameters: {select_topk: 0.1}",
+}
+
+MAKE = r"""
+import json, sys, zlib
+from pathlib import Path
+import torch
+from fusion.demo import qwen2_tensor_shapes
+from fusion.writer import ShardedWriter
+
+root, shape = Path(sys.argv[1]), json.loads(sys.argv[2])
+config = dict(shape, architectures=["Qwen2ForCausalLM"], model_type="qwen2", torch_dtype="bfloat16",
+              max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0,
+              hidden_act="silu", bos_token_id=151643, eos_token_id=151643)
+shapes = qwen2_tensor_shapes(config)
+for m, name in enumerate(("base", "ft1", "ft2", "ft3")):
+    folder = root / name
+    if (folder / "config.json").exists():
+        continue
+    tmp = root / f".{name}.tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    writer = ShardedWriter(tmp, [(n, "BF16", s) for n, s in shapes.items()], 10**12)
+    for n, s in shapes.items():
+        seed = zlib.crc32(n.encode())
+        base = torch.randn(s, generator=torch.Generator().manual_seed(seed)) * 0.02
+        if n.endswith("norm.weight"):
+            base += 1.0
+        if m:  # a fine-tune: a dense task vector of about 1e-3
+            gen = torch.Generator().manual_seed(seed + 1000 * m)
+            base += torch.randn(s, generator=gen) * 1e-3
+        writer.write(n, base.to(torch.bfloat16))
+        del base
+    writer.finish()
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    tmp.rename(folder)
+    print("made", folder, flush=True)
+"""
+
+# Runs `fusion` in this process and reports its own peak RSS (VmHWM) on stderr.
+FUSION = """
+import sys
+from fusion.cli import main
+try:
+    main(sys.argv[1:])
+finally:
+    print('VMHWM', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0], file=sys.stderr)
+"""
+# The same around another console script (mergekit-yaml), run with its own interpreter.
+SCRIPT = """
+import runpy, sys
+path = sys.argv[1]
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(path, run_name='__main__')
+finally:
+    print('VMHWM', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0], file=sys.stderr)
+"""
+
+
+def make_set(root: Path, shape: str) -> None:
+    if all((root / m / "config.json").exists() for m in MODELS):
+        return
+    print(f"making the {shape} model set under {root} (once)...", flush=True)
+    subprocess.run([sys.executable, "-c", MAKE, str(root), json.dumps(SHAPES[shape])], check=True)
+
+
+def read_all(files: list[Path], buf: bytearray) -> int:
+    view, total = memoryview(buf), 0
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while n := fh.readinto(view):
+                total += n
+    return total
+
+
+def io_baseline(root: Path, out: Path) -> tuple[float, float]:
+    """Seconds to read the four inputs, and to write one output of the base's size."""
+    files = [root / m / "model.safetensors" for m in MODELS]
+    buf = bytearray(64 << 20)
+    read_all(files, buf)  # warm the page cache
+    start = time.perf_counter()
+    read_all(files, buf)
+    read_s = time.perf_counter() - start
+    size = files[0].stat().st_size
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(out / "model.safetensors", "wb") as fh:
+        for _ in range(0, size, len(buf)):
+            fh.write(buf)
+    write_s = time.perf_counter() - start
+    shutil.rmtree(out)
+    return read_s, write_s
+
+
+def timed(cmd: list[str]) -> tuple[float, int, str]:
+    """(wall seconds, peak RSS in MB, output) of one command."""
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}")
+    peak = [int(l.split()[1]) for l in proc.stderr.splitlines() if l.startswith("VMHWM")]
+    return wall, (peak[-1] // 1024 if peak else -1), proc.stdout + proc.stderr
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dir", type=Path, required=True, help="where the model set lives (made once)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="0.5b")
+    ap.add_argument("--methods", nargs="+", choices=sorted(CONFIGS), default=["task_arithmetic", "ties", "sce"])
+    ap.add_argument("--kernels", nargs="+", choices=["c", "torch"], default=["c", "torch"])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--mergekit", default=None, help="path to mergekit-yaml, to time it too")
+    ap.add_argument("--chart", type=Path, default=None, help="PNG chart (default DIR/<shape>/kernels.png)")
+    ap.add_argument("--keep-outputs", action="store_true")
+    args = ap.parse_args()
+
+    root = args.dir / args.shape
+    make_set(root, args.shape)
+    read_s, write_s = io_baseline(root, root / "io-probe")
+    io_s = read_s + write_s
+    print(f"I/O baseline: read 4 inputs {read_s:.2f} s + write one output {write_s:.2f} s = {io_s:.2f} s "
+          f"(warm page cache)\n", flush=True)
+
+    runners = [(k, lambda cfg, out, k=k: [sys.executable, "-c", FUSION, "merge", str(cfg), "-o", str(out),
+                                          "--force", "--kernel", k]
+                + (["--threads", str(args.threads)] if args.threads else [])) for k in args.kernels]
+    if args.mergekit:
+        with open(args.mergekit) as fh:
+            first = fh.readline()
+        python = first[2:].strip() if first.startswith("#!") else sys.executable
+        runners.append(("mergekit", lambda cfg, out: [python, "-c", SCRIPT, args.mergekit, str(cfg), str(out)]))
+
+    rows = []
+    for method in args.methods:
+        cfg = root / f"{method}.yaml"
+        cfg.write_text(f"merge_method: {method}\nbase_model: {root / 'base'}\nmodels:\n"
+                       + "".join(f"  - model: {root / m}\n" for m in MODELS[1:])
+                       + f"{CONFIGS[method]}\ndtype: bfloat16\n")
+        for name, command in runners:
+            out = root / f"out-{method}-{name}"
+            walls, peaks, merge_s = [], [], []
+            for _ in range(args.repeats):
+                wall, peak, text = timed(command(cfg, out))
+                walls.append(wall)
+                peaks.append(peak)
+                m = re.search(r"in \d+ file\(s\), ([\d.]+) s", text)
+                if m:
+                    merge_s.append(float(m.group(1)))
+            rows.append({"method": method, "kernel": name, "wall": statistics.median(walls),
+                         "walls": walls, "merge": statistics.median(merge_s) if merge_s else None,
+                         "rss": max(peaks)})
+            r = rows[-1]
+            print(f"{method:<16} {name:<8} wall {r['wall']:6.2f} s  (runs {', '.join(f'{w:.2f}' for w in walls)})"
+                  f"  merge {r['merge'] if r['merge'] is not None else float('nan'):6.2f} s  "
+                  f"peak RSS {r['rss']:5d} MB", flush=True)
+            if not args.keep_outputs:
+                shutil.rmtree(out, ignore_errors=True)
+
+    print(f"\n{'method':<16} {'kernel':<8} {'wall s':>7} {'best s':>7} {'merge s':>8} {'peak MB':>8} "
+          f"{'wall/IO':>8} {'merge/IO':>9} {'vs torch':>9} {'vs mergekit':>12}")
+    for r in rows:
+        ref = {x["kernel"]: x["wall"] for x in rows if x["method"] == r["method"]}
+        vs = lambda k: f"{ref[k] / r['wall']:.1f}x" if k in ref and r["kernel"] != k else "-"  # noqa: E731
+        merge = f"{r['merge']:.2f}" if r["merge"] is not None else "-"
+        merge_io = f"{r['merge'] / io_s:.1f}" if r["merge"] is not None else "-"
+        print(f"{r['method']:<16} {r['kernel']:<8} {r['wall']:>7.2f} {min(r['walls']):>7.2f} {merge:>8} {r['rss']:>8d} "
+              f"{r['wall'] / io_s:>8.1f} {merge_io:>9} {vs('torch'):>9} {vs('mergekit'):>12}")
+    print(f"(I/O baseline {io_s:.2f} s; 'vs X' = X's wall time / this wall time; "
+          f"{os.cpu_count()} CPUs; timings on a shared machine are noisy)")
+    chart(rows, io_s, args.chart or root / "kernels.png")
+
+
+def chart(rows: list[dict], io_s: float, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no chart")
+        return
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    kernels = list(dict.fromkeys(r["kernel"] for r in rows))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / len(kernels)
+    for i, k in enumerate(kernels):
+        xs = [m + i * width for m in range(len(methods))]
+        by = {r["method"]: r for r in rows if r["kernel"] == k}
+        ax.bar(xs, [by[m]["wall"] if m in by else 0 for m in methods], width, label=k)
+        ax2.bar(xs, [by[m]["rss"] if m in by else 0 for m in methods], width, label=k)
+    ax.axhline(io_s, color="k", linestyle="--", linewidth=1, label="read inputs + write output")
+    for a, title in ((ax, "wall time (s)"), (ax2, "peak RSS (MB)")):
+        a.set_xticks([m + width * (len(kernels) - 1) / 2 for m in range(len(methods))], methods)
+        a.set_title(title)
+        a.legend()
+    ax.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"chart: {path}")
+
+
+if __name__ == "__main__":
+    main()
