@@ -727,11 +727,14 @@ static int64_t total_bad(job_t *job) {
     return s;
 }
 
+/* A job is large (per-thread tables): zeroed pages from mmap cost nothing until touched. */
 static job_t *new_job(void) {
-    job_t *job = (job_t *)calloc(1, sizeof(job_t));
+    job_t *job = (job_t *)zalloc(sizeof(job_t));
     if (!job) PyErr_NoMemory();
     return job;
 }
+
+static void free_job(job_t *job) { zfree(job, sizeof(job_t)); }
 
 /* elementwise(kind, out, out_dtype, n, inputs, weights, lam, normalize, divisor, threads, release) */
 static PyObject *py_elementwise(PyObject *self, PyObject *args) {
@@ -748,11 +751,11 @@ static PyObject *py_elementwise(PyObject *self, PyObject *args) {
     job->kind = kind ? KIND_TASK : KIND_LINEAR;
     job->out = PyLong_AsVoidPtr(out);
     if (PyErr_Occurred() || !parse_inputs(job, inputs) || !parse_floats(weights, job->w, job->nin, "weights")) {
-        free(job);
+        free_job(job);
         return NULL;
     }
     if (job->kind == KIND_TASK && job->nin < 2) {
-        free(job);
+        free_job(job);
         PyErr_SetString(PyExc_ValueError, "task arithmetic needs a base and at least one model");
         return NULL;
     }
@@ -767,7 +770,7 @@ static PyObject *py_elementwise(PyObject *self, PyObject *args) {
     run_threads(job, job->nth, pass_elementwise);
     Py_END_ALLOW_THREADS
     bad = total_bad(job);
-    free(job);
+    free_job(job);
     return PyLong_FromLongLong(bad);
 }
 
@@ -800,13 +803,13 @@ static PyObject *py_ties(PyObject *self, PyObject *args) {
     if (!(job = new_job())) return NULL;
     job->out = PyLong_AsVoidPtr(out);
     if (PyErr_Occurred() || !parse_inputs(job, inputs)) {
-        free(job);
+        free_job(job);
         return NULL;
     }
     if (job->nin < 2 || !parse_floats(weights, job->w, job->nin - 1, "weights") ||
         !parse_masks(job, masks, job->nin - 1)) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "TIES needs a base and at least one model");
-        free(job);
+        free_job(job);
         return NULL;
     }
     job->kind = KIND_TIES;
@@ -823,7 +826,7 @@ static PyObject *py_ties(PyObject *self, PyObject *args) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "one k per model is needed");
         Py_XDECREF(kseq);
         free(sels);
-        free(job);
+        free_job(job);
         return NULL;
     }
     for (s = 0; s < job->nsel && ok; s++) {
@@ -848,7 +851,7 @@ static PyObject *py_ties(PyObject *self, PyObject *args) {
     for (s = 0; s < job->nsel; s++) sel_free(&sels[s]);
     bad = total_bad(job);
     free(sels);
-    free(job);
+    free_job(job);
     if (!ok) return NULL;
     return PyLong_FromLongLong(bad);
 }
@@ -870,12 +873,12 @@ static PyObject *py_sce(PyObject *self, PyObject *args) {
     memset(&sel, 0, sizeof(sel));
     job->out = PyLong_AsVoidPtr(out);
     if (PyErr_Occurred() || !parse_inputs(job, inputs)) {
-        free(job);
+        free_job(job);
         return NULL;
     }
     if (job->nin < 2 || !parse_masks(job, masks, 1)) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "SCE needs a base and at least one model");
-        free(job);
+        free_job(job);
         return NULL;
     }
     job->kind = KIND_SCE;
@@ -890,7 +893,7 @@ static PyObject *py_sce(PyObject *self, PyObject *args) {
     split(job, threads);
     if (job->select && !sel_alloc(&sel, job->nth)) {
         sel_free(&sel);
-        free(job);
+        free_job(job);
         return PyErr_NoMemory();
     }
     Py_BEGIN_ALLOW_THREADS
@@ -966,7 +969,7 @@ static PyObject *py_sce(PyObject *self, PyObject *args) {
     if (energies && ok) result = Py_BuildValue("(LN)", (long long)total_bad(job), energies);
     else Py_XDECREF(energies);
     sel_free(&sel);
-    free(job);
+    free_job(job);
     return result;
 }
 
@@ -983,7 +986,7 @@ static PyObject *py_select(PyObject *self, PyObject *args) {
     job->in[0] = PyLong_AsVoidPtr(key);
     job->mask[0] = (unsigned char *)PyLong_AsVoidPtr(mask);
     if (PyErr_Occurred()) {
-        free(job);
+        free_job(job);
         return NULL;
     }
     job->nin = 1;
@@ -996,7 +999,7 @@ static PyObject *py_select(PyObject *self, PyObject *args) {
     sel_set_k(&sel, k, n);
     if (sel.mode == 2 && !sel_alloc(&sel, job->nth)) {
         sel_free(&sel);
-        free(job);
+        free_job(job);
         return PyErr_NoMemory();
     }
     Py_BEGIN_ALLOW_THREADS
@@ -1004,7 +1007,7 @@ static PyObject *py_select(PyObject *self, PyObject *args) {
     run_threads(job, job->nth, pass_select);
     Py_END_ALLOW_THREADS
     sel_free(&sel);
-    free(job);
+    free_job(job);
     Py_RETURN_NONE;
 }
 
