@@ -430,3 +430,17 @@ def test_inputs_the_kernels_cannot_read_fall_back_to_torch(family, capsys):
     main(["merge", str(cfg), "-o", str(family / "torch"), "--kernel", "torch", "-q"])
     c, t = load_folder(family / "c"), load_folder(family / "torch")
     assert all(torch.equal(c[name], t[name]) for name in t)
+
+
+@needs_c
+def test_the_c_path_never_imports_torch(family):
+    """Start-up and memory: a C merge reads and writes bytes, so torch is never loaded."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom fusion.cli import main\n"
+            f"main(['merge', {str(_config(family, 'sce'))!r}, '-o', {str(family / 'out')!r}, '-q'])\n"
+            "assert 'torch' not in sys.modules and 'numpy' not in sys.modules, 'torch or numpy imported'\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (family / "out" / "model.safetensors").exists()
