@@ -40,6 +40,7 @@ enum { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2 };
 #define MAX_THREADS 256
 #define BLOCK 512
 #define RELEASE_EVERY (1 << 18) /* elements between two page releases of a thread's range */
+#define HI16_MAX ((int64_t)1 << 28)  /* SCE keeps its keys' high bits up to this many elements */
 
 /* ------------------------------------------------------------------------------------------ */
 /* Conversions (exact; round to nearest even; NaN stays NaN) */
@@ -238,6 +239,7 @@ struct job {
     double *elo;                 /* SCE: [thread][low 16 bits][model] energies inside the bucket */
     float eta[MAX_INPUTS];
     unsigned char *mask[MAX_INPUTS]; /* optional: selection masks written by the final pass */
+    uint16_t *hi16;              /* SCE: the high 16 bits of every key, kept after the first pass */
 };
 
 enum { KIND_LINEAR, KIND_TASK, KIND_TIES, KIND_SCE, KIND_SELECT };
@@ -321,6 +323,28 @@ static inline __attribute__((always_inline)) void delta_block(job_t *job, int64_
     }
 }
 
+/* SCE's keys of a block after the first pass, from the kept high bits: exact where those equal
+ * the bucket of the k-th key, elsewhere only ordered right against it (all ones above, 0 below),
+ * which is all the later passes compare. The variance is computed as variance_block does. */
+static inline __attribute__((always_inline)) void cached_keys(job_t *job, int64_t pos, int m,
+                                                              float (*d)[BLOCK], uint32_t *key) {
+    const uint16_t *h = job->hi16 + pos;
+    uint32_t bucket = job->sel->bucket;
+    int i, j, nmodels = job->nin - 1;
+    for (j = 0; j < m; j++) key[j] = h[j] > bucket ? 0xffffffffu : 0u;
+    for (j = 0; j < m; j++)
+        if (h[j] == bucket) {
+            double s = 0.0, q = 0.0, mean;
+            for (i = 0; i < nmodels; i++) s = s + (double)d[i][j];
+            mean = s / nmodels;
+            for (i = 0; i < nmodels; i++) {
+                double c = (double)d[i][j] - mean;
+                q = q + c * c;
+            }
+            key[j] = order_key((float)(q / nmodels));
+        }
+}
+
 /* The selection keys of a block: one row per selector. */
 static inline __attribute__((always_inline)) void key_block(job_t *job, int64_t pos, int m, float *b, float (*d)[BLOCK], uint32_t (*key)[BLOCK]) {
     int s, j;
@@ -331,6 +355,9 @@ static inline __attribute__((always_inline)) void key_block(job_t *job, int64_t 
         delta_block(job, pos, m, b, d);
         for (s = 0; s < job->nsel; s++)
             for (j = 0; j < m; j++) key[s][j] = abs_key(d[s][j]);
+    } else if (job->hi16 && job->pass != PASS_HI) {
+        delta_block(job, pos, m, b, d);
+        cached_keys(job, pos, m, d, key[0]);
     } else {
         float v[BLOCK];
         delta_block(job, pos, m, b, d);
@@ -389,6 +416,8 @@ HOT static void pass_keys(job_t *job, int tid) {
             }
             if (job->kind != KIND_TIES)
                 for (j = 0; j < m; j++) nonzero += key[0][j] != 0x80000000u;
+            if (job->hi16)
+                for (j = 0; j < m; j++) job->hi16[pos + j] = (uint16_t)(key[0][j] >> 16);
         } else {
             for (a = 0; a < nactive; a++) {
                 const uint32_t *k = key[active[a]];
@@ -478,8 +507,12 @@ HOT static void pass_sce(job_t *job, int tid) {
         int m = (int)(job->lo[tid + 1] - pos < BLOCK ? job->lo[tid + 1] - pos : BLOCK);
         delta_block(job, pos, m, b, d);
         if (job->select) {
-            variance_block(d, nmodels, m, v);
-            for (j = 0; j < m; j++) key[j] = order_key(v[j]);
+            if (job->hi16) {
+                cached_keys(job, pos, m, d, key);
+            } else {
+                variance_block(d, nmodels, m, v);
+                for (j = 0; j < m; j++) key[j] = order_key(v[j]);
+            }
             sel_block(job->sel, key, m, keep, &ties);
         } else {
             memset(keep, 1, (size_t)m);
@@ -727,11 +760,14 @@ static int64_t total_bad(job_t *job) {
     return s;
 }
 
+/* A job is large (per-thread tables): zeroed pages from mmap cost nothing until touched. */
 static job_t *new_job(void) {
-    job_t *job = (job_t *)calloc(1, sizeof(job_t));
+    job_t *job = (job_t *)zalloc(sizeof(job_t));
     if (!job) PyErr_NoMemory();
     return job;
 }
+
+static void free_job(job_t *job) { zfree(job, sizeof(job_t)); }
 
 /* elementwise(kind, out, out_dtype, n, inputs, weights, lam, normalize, divisor, threads, release) */
 static PyObject *py_elementwise(PyObject *self, PyObject *args) {
@@ -748,11 +784,11 @@ static PyObject *py_elementwise(PyObject *self, PyObject *args) {
     job->kind = kind ? KIND_TASK : KIND_LINEAR;
     job->out = PyLong_AsVoidPtr(out);
     if (PyErr_Occurred() || !parse_inputs(job, inputs) || !parse_floats(weights, job->w, job->nin, "weights")) {
-        free(job);
+        free_job(job);
         return NULL;
     }
     if (job->kind == KIND_TASK && job->nin < 2) {
-        free(job);
+        free_job(job);
         PyErr_SetString(PyExc_ValueError, "task arithmetic needs a base and at least one model");
         return NULL;
     }
@@ -767,7 +803,7 @@ static PyObject *py_elementwise(PyObject *self, PyObject *args) {
     run_threads(job, job->nth, pass_elementwise);
     Py_END_ALLOW_THREADS
     bad = total_bad(job);
-    free(job);
+    free_job(job);
     return PyLong_FromLongLong(bad);
 }
 
@@ -800,13 +836,13 @@ static PyObject *py_ties(PyObject *self, PyObject *args) {
     if (!(job = new_job())) return NULL;
     job->out = PyLong_AsVoidPtr(out);
     if (PyErr_Occurred() || !parse_inputs(job, inputs)) {
-        free(job);
+        free_job(job);
         return NULL;
     }
     if (job->nin < 2 || !parse_floats(weights, job->w, job->nin - 1, "weights") ||
         !parse_masks(job, masks, job->nin - 1)) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "TIES needs a base and at least one model");
-        free(job);
+        free_job(job);
         return NULL;
     }
     job->kind = KIND_TIES;
@@ -823,7 +859,7 @@ static PyObject *py_ties(PyObject *self, PyObject *args) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "one k per model is needed");
         Py_XDECREF(kseq);
         free(sels);
-        free(job);
+        free_job(job);
         return NULL;
     }
     for (s = 0; s < job->nsel && ok; s++) {
@@ -848,7 +884,7 @@ static PyObject *py_ties(PyObject *self, PyObject *args) {
     for (s = 0; s < job->nsel; s++) sel_free(&sels[s]);
     bad = total_bad(job);
     free(sels);
-    free(job);
+    free_job(job);
     if (!ok) return NULL;
     return PyLong_FromLongLong(bad);
 }
@@ -870,12 +906,12 @@ static PyObject *py_sce(PyObject *self, PyObject *args) {
     memset(&sel, 0, sizeof(sel));
     job->out = PyLong_AsVoidPtr(out);
     if (PyErr_Occurred() || !parse_inputs(job, inputs)) {
-        free(job);
+        free_job(job);
         return NULL;
     }
     if (job->nin < 2 || !parse_masks(job, masks, 1)) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "SCE needs a base and at least one model");
-        free(job);
+        free_job(job);
         return NULL;
     }
     job->kind = KIND_SCE;
@@ -890,9 +926,11 @@ static PyObject *py_sce(PyObject *self, PyObject *args) {
     split(job, threads);
     if (job->select && !sel_alloc(&sel, job->nth)) {
         sel_free(&sel);
-        free(job);
+        free_job(job);
         return PyErr_NoMemory();
     }
+    /* 2 bytes per element spare recomputing the float64 variance in the later passes */
+    if (job->select && n > 0 && n <= HI16_MAX) job->hi16 = (uint16_t *)zalloc((size_t)n * 2);
     Py_BEGIN_ALLOW_THREADS
     if (job->select) {
         uint64_t nonzero = 0;
@@ -966,7 +1004,8 @@ static PyObject *py_sce(PyObject *self, PyObject *args) {
     if (energies && ok) result = Py_BuildValue("(LN)", (long long)total_bad(job), energies);
     else Py_XDECREF(energies);
     sel_free(&sel);
-    free(job);
+    if (job->hi16) zfree(job->hi16, (size_t)n * 2);
+    free_job(job);
     return result;
 }
 
@@ -983,7 +1022,7 @@ static PyObject *py_select(PyObject *self, PyObject *args) {
     job->in[0] = PyLong_AsVoidPtr(key);
     job->mask[0] = (unsigned char *)PyLong_AsVoidPtr(mask);
     if (PyErr_Occurred()) {
-        free(job);
+        free_job(job);
         return NULL;
     }
     job->nin = 1;
@@ -996,7 +1035,7 @@ static PyObject *py_select(PyObject *self, PyObject *args) {
     sel_set_k(&sel, k, n);
     if (sel.mode == 2 && !sel_alloc(&sel, job->nth)) {
         sel_free(&sel);
-        free(job);
+        free_job(job);
         return PyErr_NoMemory();
     }
     Py_BEGIN_ALLOW_THREADS
@@ -1004,7 +1043,7 @@ static PyObject *py_select(PyObject *self, PyObject *args) {
     run_threads(job, job->nth, pass_select);
     Py_END_ALLOW_THREADS
     sel_free(&sel);
-    free(job);
+    free_job(job);
     Py_RETURN_NONE;
 }
 
