@@ -310,7 +310,7 @@ class _Hub:
     # -- network -----------------------------------------------------------------------------
 
     def download(self) -> tuple[Path, str]:
-        from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+        from huggingface_hub import HfApi, snapshot_download
 
         api = HfApi()
         try:
@@ -324,28 +324,8 @@ class _Hub:
         files = [s.rfilename for s in (info.siblings or [])]
         self._write_ref(commit)
 
-        def read_json(name: str) -> Any:
-            path = hf_hub_download(self.repo_id, name, revision=commit, cache_dir=self.cache_dir)
-            try:
-                with open(path, encoding="utf-8") as fh:
-                    return json.load(fh)
-            except ValueError:
-                raise _error(
-                    f"Hub model {self.reference!r}: {name} at commit {commit[:12]} is not valid "
-                    f"JSON; pick another revision or report it to the model's authors."
-                ) from None
-
         try:
-            try:
-                weights, support = select_files(files, read_json)
-            except _IndexMismatch as exc:
-                raise _error(
-                    f"Hub model {self.reference!r}: {exc.index} at commit {commit[:12]} lists shards "
-                    f"the repository does not have ({', '.join(exc.missing[:3])}); pick another "
-                    f"revision or report it to the model's authors."
-                ) from None
-            if not weights:
-                raise self._no_weights_error(files, commit)
+            weights, support = self.needed_files(files, commit)
             wanted = weights + support
             folder = Path(snapshot_download(
                 self.repo_id,
@@ -370,6 +350,33 @@ class _Hub:
             )
         return folder, commit
 
+    def read_json(self, name: str, commit: str) -> Any:
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(self.repo_id, name, revision=commit, cache_dir=self.cache_dir)
+        try:
+            with open(path, encoding="utf-8") as fh:
+                return json.load(fh)
+        except ValueError:
+            raise _error(
+                f"Hub model {self.reference!r}: {name} at commit {commit[:12]} is not valid "
+                f"JSON; pick another revision or report it to the model's authors."
+            ) from None
+
+    def needed_files(self, files: list[str], commit: str) -> tuple[list[str], list[str]]:
+        """(weights, support files) of ``commit`` that a merge needs, or a clear error."""
+        try:
+            weights, support = select_files(files, lambda name: self.read_json(name, commit))
+        except _IndexMismatch as exc:
+            raise _error(
+                f"Hub model {self.reference!r}: {exc.index} at commit {commit[:12]} lists shards "
+                f"the repository does not have ({', '.join(exc.missing[:3])}); pick another "
+                f"revision or report it to the model's authors."
+            ) from None
+        if not weights:
+            raise self._no_weights_error(files, commit)
+        return weights, support
+
     def headers(self) -> tuple[Path, str]:
         """A folder to plan from: the complete snapshot when cached, else a header-only folder."""
         if self.offline or _FULL_COMMIT.fullmatch(self.revision):
@@ -383,7 +390,7 @@ class _Hub:
                     return stub, commit
                 if self.offline:
                     raise self._offline_error(exc) from None
-        from huggingface_hub import HfApi, hf_hub_download
+        from huggingface_hub import HfApi
 
         api = HfApi()
         try:
@@ -404,32 +411,12 @@ class _Hub:
             return stub, commit
         sizes = {s.rfilename: s.size or 0 for s in (info.siblings or [])}
 
-        def read_json(name: str) -> Any:
-            path = hf_hub_download(self.repo_id, name, revision=commit, cache_dir=self.cache_dir)
-            try:
-                with open(path, encoding="utf-8") as fh:
-                    return json.load(fh)
-            except ValueError:
-                raise _error(
-                    f"Hub model {self.reference!r}: {name} at commit {commit[:12]} is not valid "
-                    f"JSON; pick another revision or report it to the model's authors."
-                ) from None
-
         try:
-            try:
-                weights, support = select_files(sizes, read_json)
-            except _IndexMismatch as exc:
-                raise _error(
-                    f"Hub model {self.reference!r}: {exc.index} at commit {commit[:12]} lists shards "
-                    f"the repository does not have ({', '.join(exc.missing[:3])}); pick another "
-                    f"revision or report it to the model's authors."
-                ) from None
-            if not weights:
-                raise self._no_weights_error(list(sizes), commit)
+            weights, support = self.needed_files(list(sizes), commit)
             shards = [f for f in weights if f.endswith(".safetensors")]
             if not shards:
                 return self.download()  # .bin headers are pickles: only the file itself tells the shapes
-            config = read_json("config.json") if "config.json" in sizes else {}
+            config = self.read_json("config.json", commit) if "config.json" in sizes else {}
             headers = {}
             for name in shards:
                 meta = api.parse_safetensors_file_metadata(self.repo_id, name, revision=commit)
