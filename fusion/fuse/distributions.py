@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .cache import load_arrays, save_arrays
 from .align import EXACT, FALLBACK, MAPPED, STATUS_NAMES, VocabMap, align_tokens, one_to_one
 from .tokens import pivot_index
 from .api import Alignment, FusionFunction, VocabContext
@@ -119,25 +119,12 @@ class FusedTargets:
     weights: np.ndarray  # [N, 2] per sequence: weight of the pivot's own and the source distribution
 
     def save(self, path: Path, key: str) -> None:
-        from safetensors.numpy import save_file
-
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        save_file({"ids": self.ids, "probs": self.probs, "weights": self.weights}, str(tmp), metadata={"key": key})
-        os.replace(tmp, path)
+        save_arrays(path, {"ids": self.ids, "probs": self.probs, "weights": self.weights}, key)
 
     @classmethod
     def load(cls, path: Path, key: str) -> "FusedTargets | None":
-        from safetensors import safe_open
-
-        if not path.is_file():
-            return None
-        try:
-            with safe_open(str(path), framework="numpy") as f:
-                if (f.metadata() or {}).get("key") != key:
-                    return None
-                return cls(**{name: f.get_tensor(name) for name in f.keys()})
-        except Exception:
-            return None
+        arrays = load_arrays(path, key)
+        return None if arrays is None else cls(**arrays)
 
 
 def fuse(pivot: Representations, aligned: Aligned, source_ce: np.ndarray, function: FusionFunction) -> FusedTargets:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .cache import load_arrays, save_arrays
 from .data import Example, encode
 
 VERSION = 2
@@ -40,28 +40,16 @@ class Representations:
         return slice(int(self.starts[i]), int(self.starts[i + 1]))
 
     def save(self, path: Path, key: str) -> None:
-        from safetensors.numpy import save_file
-
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        arrays = {name: np.ascontiguousarray(getattr(self, name)) for name in
+        arrays = {name: getattr(self, name) for name in
                   ("lengths", "input_ids", "offsets", "topk_ids", "topk_logits", "ce")}
         arrays["response"] = self.response.astype(np.uint8)
-        save_file(arrays, str(tmp), metadata={"key": key})
-        os.replace(tmp, path)  # a cache file is complete or absent
+        save_arrays(path, arrays, key)
 
     @classmethod
     def load(cls, path: Path, key: str) -> "Representations | None":
         """The cached representations at ``path`` if they were made from the same inputs."""
-        from safetensors import safe_open
-
-        if not path.is_file():
-            return None
-        try:
-            with safe_open(str(path), framework="numpy") as f:
-                if (f.metadata() or {}).get("key") != key:
-                    return None
-                arrays = {name: f.get_tensor(name) for name in f.keys()}
-        except Exception:  # a damaged cache is recomputed, not trusted
+        arrays = load_arrays(path, key)
+        if arrays is None:
             return None
         arrays["response"] = arrays["response"].astype(bool)
         return cls(**arrays)
