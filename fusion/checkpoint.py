@@ -193,16 +193,20 @@ class Checkpoint:
         except (OSError, ValueError):
             pass
 
-    def release(self, name: str) -> None:
-        """Drop the tensor's pages from this process (they stay in the OS page cache)."""
+    def release(self, name: str, begin: int = 0, end: int | None = None) -> None:
+        """Drop the pages of the tensor's bytes [begin, end) (all of them by default) from this
+        process; they stay in the OS page cache, so a later read costs a page fault, not I/O."""
         info = self.tensors[name]
         mm = self._maps.get(info.file)
         if mm is None or not hasattr(mmap, "MADV_DONTNEED") or info.end <= info.start:
             return
-        page = mmap.PAGESIZE
-        start = info.start - info.start % page
+        first = info.start + begin
+        last = info.end if end is None else min(info.end, info.start + end)
+        start = first - first % mmap.PAGESIZE
+        if last <= start:
+            return
         try:
-            mm.madvise(mmap.MADV_DONTNEED, start, info.end - start)
+            mm.madvise(mmap.MADV_DONTNEED, start, last - start)
         except (OSError, ValueError):
             pass
 

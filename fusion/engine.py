@@ -154,6 +154,12 @@ def _merge_one(tp: TensorPlan, fn: Callable, elementwise: bool, layout: Checkpoi
             raise MergeError(f"strategy returned {got} for tensor {tp.name}, expected shape {list(target.shape)}")
         target.copy_(result)
         del chunk, base, inputs, result
+        if elementwise and isinstance(sl, slice):
+            # the rows just merged are not read again: keep resident memory at a few chunks
+            # instead of the whole tensor in every input (an embedding is ~300 MB per model)
+            for model, info in tp.merge_sources:
+                row = info.nbytes // max(1, info.shape[0])
+                model.checkpoint.release(info.name, sl.start * row, sl.stop * row)
     if not bool(torch.isfinite(out).all()):
         raise _non_finite(tp, int((~torch.isfinite(out)).sum()))
     if tp.rows is not None and tp.rows < tp.shape[0]:
