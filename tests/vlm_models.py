@@ -3,13 +3,14 @@ text CausalLM of their family, and re-keying of saved checkpoints into every Hub
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
 import transformers as T
 from safetensors.torch import load_file, save_file
+
+from checkpoints import load_folder
 
 #: family → the layouts found on the Hub; the first is what transformers 5's save_pretrained writes
 LAYOUTS = {
@@ -183,10 +184,5 @@ def image_inputs(model, family: str) -> dict:
     return inputs
 
 
-def file_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    index = folder / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
-    out = {}
-    for f in files:
-        out.update(load_file(str(folder / f)))
-    return out
+# Every tensor of a saved model folder, sharded or not.
+file_tensors = load_folder
