@@ -28,6 +28,7 @@ fetches only what is missing.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fnmatch
 import json
@@ -36,7 +37,7 @@ import re
 import sys
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import fusion
 from fusion.resolve import looks_like_hub_name
@@ -309,22 +310,22 @@ class _Hub:
 
     # -- network -----------------------------------------------------------------------------
 
-    def download(self) -> tuple[Path, str]:
-        from huggingface_hub import HfApi, snapshot_download
+    def model_info(self, files_metadata: bool = False) -> Any:
+        """The revision's commit and file list (with sizes when ``files_metadata``): one request."""
+        from huggingface_hub import HfApi
 
-        api = HfApi()
-        try:
-            info = api.model_info(self.repo_id, revision=self.revision)
-        except Exception as exc:
-            error = self._metadata_error(exc)
-            if error is exc:
-                raise
-            raise error from exc  # the cause stays visible with --debug
+        with self._translating(self._metadata_error):
+            info = HfApi().model_info(self.repo_id, revision=self.revision, files_metadata=files_metadata)
+        self._write_ref(info.sha)
+        return info
+
+    def download(self, info: Any = None) -> tuple[Path, str]:
+        from huggingface_hub import snapshot_download
+
+        info = info or self.model_info()
         commit = info.sha
         files = [s.rfilename for s in (info.siblings or [])]
-        self._write_ref(commit)
-
-        try:
+        with self._translating(self._download_error):
             weights, support = self.needed_files(files, commit)
             wanted = weights + support
             folder = Path(snapshot_download(
@@ -333,13 +334,6 @@ class _Hub:
                 cache_dir=self.cache_dir,
                 allow_patterns=[_escape_glob(f) for f in wanted],
             ))
-        except fusion.FusionError:
-            raise
-        except Exception as exc:
-            error = self._download_error(exc)
-            if error is exc:
-                raise
-            raise error from exc
         missing = [f for f in wanted if not (folder / f).is_file()]
         if missing:
             # snapshot_download falls back to the cache when the Hub becomes unreachable midway.
@@ -392,16 +386,8 @@ class _Hub:
                     raise self._offline_error(exc) from None
         from huggingface_hub import HfApi
 
-        api = HfApi()
-        try:
-            info = api.model_info(self.repo_id, revision=self.revision, files_metadata=True)
-        except Exception as exc:
-            error = self._metadata_error(exc)
-            if error is exc:
-                raise
-            raise error from exc
+        info = self.model_info(files_metadata=True)
         commit = info.sha
-        self._write_ref(commit)
         try:
             return self.from_cache(commit)
         except _NotCached:
@@ -410,33 +396,39 @@ class _Hub:
         if stub.is_dir():
             return stub, commit
         sizes = {s.rfilename: s.size or 0 for s in (info.siblings or [])}
-
-        try:
+        with self._translating(self._download_error):
             weights, support = self.needed_files(list(sizes), commit)
             shards = [f for f in weights if f.endswith(".safetensors")]
             if not shards:
-                return self.download()  # .bin headers are pickles: only the file itself tells the shapes
+                return self.download(info)  # .bin headers are pickles: only the file itself tells the shapes
             config = self.read_json("config.json", commit) if "config.json" in sizes else {}
             headers = {}
             for name in shards:
-                meta = api.parse_safetensors_file_metadata(self.repo_id, name, revision=commit)
+                meta = HfApi().parse_safetensors_file_metadata(self.repo_id, name, revision=commit)
                 headers[name] = (sizes.get(name, 0), {
                     t: {"dtype": i.dtype, "shape": list(i.shape), "data_offsets": list(i.data_offsets)}
                     for t, i in meta.tensors.items()
                 })
-        except fusion.FusionError:
-            raise
-        except Exception as exc:
-            error = self._download_error(exc)
-            if error is exc:
-                raise
-            raise error from exc
         to_fetch = sum(sizes.get(f, 0) for f in weights + support)
         fusion.write_header_folder(stub, config, headers, source=f"{self.repo_id}@{commit}",
                                    download_bytes=to_fetch)
         return stub, commit
 
     # -- errors: one sentence each, naming the reference --------------------------------------
+
+    @contextlib.contextmanager
+    def _translating(self, translate: Callable[[BaseException], BaseException]) -> Iterator[None]:
+        """Turn a huggingface_hub failure into fusion's one sentence; the cause stays visible
+        with --debug, and what ``translate`` does not recognise keeps its traceback."""
+        try:
+            yield
+        except fusion.FusionError:
+            raise
+        except Exception as exc:
+            error = translate(exc)
+            if error is exc:
+                raise
+            raise error from exc
 
     def _login_hint(self) -> str:
         return "`hf auth login` (or `huggingface-cli login`) or by setting HF_TOKEN"
