@@ -132,6 +132,14 @@ def load_config(path: str | Path) -> MergeConfig:
     return parse_config(text, source=path)
 
 
+def model_reference(value: Any, path: str, lines: Mapping[str, int]) -> str:
+    """A model named in a config: a local path or a Hub name, stripped; else a ConfigError."""
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(path, f"must be a model path or Hub name (org/name[@revision]), not {value!r}",
+                          lines.get(path))
+    return value.strip()
+
+
 def parse_config(text: str, source: Path | None = None) -> MergeConfig:
     data, lines = parse_yaml(text, str(source or "config"))
 
@@ -151,11 +159,7 @@ def parse_config(text: str, source: Path | None = None) -> MergeConfig:
         raise err("merge_method", "merge_method is required (e.g. merge_method: task_arithmetic)")
 
     def reference(p: str, value: Any, required: bool = False) -> str | None:
-        if value is None and not required:
-            return None
-        if not isinstance(value, str) or not value.strip():
-            raise err(p, f"must be a model path or Hub name (org/name[@revision]), not {value!r}")
-        return value.strip()
+        return None if value is None and not required else model_reference(value, p, lines)
 
     raw_models = data.get("models")
     if not isinstance(raw_models, list) or not raw_models:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..config import DTYPES, _check_value, parse_yaml
+from ..config import DTYPES, _check_value, model_reference, parse_yaml
 from ..errors import ConfigError
 
 TOP_LEVEL_KEYS = ("pivot", "sources", "data", "eval_data", "representations", "alignment",
@@ -111,14 +111,9 @@ def parse_fuse_config(text: str, source: Path | None = None) -> FuseConfig:
         if key not in TOP_LEVEL_KEYS:
             raise err(str(key), f"unknown key; allowed keys: {', '.join(TOP_LEVEL_KEYS)}")
 
-    def reference(p: str, value: Any) -> str:
-        if not isinstance(value, str) or not value.strip():
-            raise err(p, f"must be a model path or Hub name (org/name[@revision]), not {value!r}")
-        return value.strip()
-
     if "pivot" not in data:
         raise err("pivot", "pivot is required: the model every target starts from (a path or Hub name)")
-    pivot = reference("pivot", data["pivot"])
+    pivot = model_reference(data["pivot"], "pivot", lines)
     raw_sources = data.get("sources")
     if not isinstance(raw_sources, list) or not raw_sources:
         raise err("sources", "sources must be a non-empty list of entries like `- model: ./source-model`")
@@ -132,7 +127,7 @@ def parse_fuse_config(text: str, source: Path | None = None) -> FuseConfig:
         for key in entry:
             if key != "model":
                 raise err(f"{p}.{key}", "unknown key; a source entry has only `model`")
-        sources.append(reference(f"{p}.model", entry["model"]))
+        sources.append(model_reference(entry["model"], f"{p}.model", lines))
 
     base = source.resolve().parent if source else Path.cwd()
 
