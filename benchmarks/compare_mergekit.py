@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -274,9 +273,9 @@ def main() -> None:
                 shutil.rmtree(out, ignore_errors=True)
 
     print()
-    print(f"| method | fusion s | mergekit s | mergekit fp32 s | speed-up | fusion MB | mergekit MB "
-          f"| vs mergekit: same / ≤1 ulp / differs | elements >1 ulp | vs mergekit fp32: same / ≤1 ulp / differs "
-          f"| elements >1 ulp | of which: at a selection tie / uniform-weight fallback / cancelling / other |")
+    print("| method | fusion s | mergekit s | mergekit fp32 s | speed-up | fusion MB | mergekit MB "
+          "| vs mergekit: same / ≤1 ulp / differs | elements >1 ulp | vs mergekit fp32: same / ≤1 ulp / differs "
+          "| elements >1 ulp | of which: at a selection tie / uniform-weight fallback / cancelling / other |")
     print("|" + "---|" * 12)
     for r in results:
         t = r["times"]

@@ -17,7 +17,6 @@ imports torch itself, so the RSS of the processes it starts is theirs alone.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -27,55 +26,15 @@ import sys
 import time
 from pathlib import Path
 
-SHAPES = {
-    "0.5b": {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
-             "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936,
-             "tie_word_embeddings": True},
-    "7b": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-           "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
-           "tie_word_embeddings": False},
-}
+# --shape names → benchmarks/modelsets.py shapes (made there, in a child process: this script
+# never imports torch)
+SHAPES = {"0.5b": "qwen2-0.5b", "7b": "qwen2.5-7b"}
 MODELS = ("base", "ft1", "ft2", "ft3")
 CONFIGS = {
     "task_arithmetic": "parameters: {weight: 0.3, lambda: 1.0}",
     "ties": "parameters: {weight: 0.3, density: 0.5}",
     "sce": "parameters: {select_topk: 0.1}",
 }
-
-MAKE = r"""
-import json, sys, zlib
-from pathlib import Path
-import torch
-from fusion.demo import qwen2_tensor_shapes
-from fusion.writer import ShardedWriter
-
-root, shape = Path(sys.argv[1]), json.loads(sys.argv[2])
-config = dict(shape, architectures=["Qwen2ForCausalLM"], model_type="qwen2", torch_dtype="bfloat16",
-              max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0,
-              hidden_act="silu", bos_token_id=151643, eos_token_id=151643)
-shapes = qwen2_tensor_shapes(config)
-for m, name in enumerate(("base", "ft1", "ft2", "ft3")):
-    folder = root / name
-    if (folder / "config.json").exists():
-        continue
-    tmp = root / f".{name}.tmp"
-    tmp.mkdir(parents=True, exist_ok=True)
-    writer = ShardedWriter(tmp, [(n, "BF16", s) for n, s in shapes.items()], 10**12)
-    for n, s in shapes.items():
-        seed = zlib.crc32(n.encode())
-        base = torch.randn(s, generator=torch.Generator().manual_seed(seed)) * 0.02
-        if n.endswith("norm.weight"):
-            base += 1.0
-        if m:  # a fine-tune: a dense task vector of about 1e-3
-            gen = torch.Generator().manual_seed(seed + 1000 * m)
-            base += torch.randn(s, generator=gen) * 1e-3
-        writer.write(n, base.to(torch.bfloat16))
-        del base
-    writer.finish()
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    tmp.rename(folder)
-    print("made", folder, flush=True)
-"""
 
 # Runs `fusion` in this process and reports its own peak RSS (VmHWM) on stderr.
 FUSION = """
@@ -99,10 +58,11 @@ finally:
 
 
 def make_set(root: Path, shape: str) -> None:
-    if all((root / m / "config.json").exists() for m in MODELS):
+    if (root / ".complete").is_file():
         return
     print(f"making the {shape} model set under {root} (once)...", flush=True)
-    subprocess.run([sys.executable, "-c", MAKE, str(root), json.dumps(SHAPES[shape])], check=True)
+    script = Path(__file__).resolve().parent / "modelsets.py"
+    subprocess.run([sys.executable, str(script), SHAPES[shape], str(root)], check=True)
 
 
 def read_all(files: list[Path], buf: bytearray) -> int:
@@ -116,13 +76,13 @@ def read_all(files: list[Path], buf: bytearray) -> int:
 
 def io_baseline(root: Path, out: Path) -> tuple[float, float]:
     """Seconds to read the four inputs, and to write one output of the base's size."""
-    files = [root / m / "model.safetensors" for m in MODELS]
+    files = sorted(f for m in MODELS for f in (root / m).glob("*.safetensors"))
     buf = bytearray(64 << 20)
     read_all(files, buf)  # warm the page cache
     start = time.perf_counter()
     read_all(files, buf)
     read_s = time.perf_counter() - start
-    size = files[0].stat().st_size
+    size = sum(f.stat().st_size for f in (root / MODELS[0]).glob("*.safetensors"))
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(out / "model.safetensors", "wb") as fh:
