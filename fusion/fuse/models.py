@@ -8,8 +8,6 @@ from pathlib import Path
 
 from ..errors import FusionError
 
-TORCH_DTYPES = ("float32", "bfloat16", "float16")
-
 
 def transformers():
     try:
