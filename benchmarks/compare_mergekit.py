@@ -121,7 +121,7 @@ def far_from(a, b):
     return (a - b).abs() > ulp
 
 
-def boundary(method: str, name: str, inputs: dict, params: dict):
+def boundary(method: str, base, deltas: list, params: dict):
     """Positions where the method's selection is decided by a tie or a near-tie at the k-th key:
     there, two correct implementations may keep different entries (ties: which of equal |δ|;
     sce: variances that differ in their last bits between float64 and float32 computations)."""
@@ -129,8 +129,6 @@ def boundary(method: str, name: str, inputs: dict, params: dict):
 
     from fusion.selection import topk_count
 
-    base = inputs["base"][name].float()
-    deltas = [inputs[k][name].float() - base for k in inputs if k != "base"]
     if method == "ties":
         out = torch.zeros(base.shape, dtype=torch.bool)
         for d, density in zip(deltas, params["density"]):
@@ -150,7 +148,7 @@ def boundary(method: str, name: str, inputs: dict, params: dict):
     return None
 
 
-def uniform_fallback(method: str, name: str, inputs: dict, params: dict) -> bool:
+def uniform_fallback(method: str, deltas: list, params: dict) -> bool:
     """Whether mergekit's SCE replaced the model weights by uniform ones for this tensor: it does
     when the summed mean squared (selected) deltas are below 1e-6, which small real deltas are."""
     import torch
@@ -159,8 +157,7 @@ def uniform_fallback(method: str, name: str, inputs: dict, params: dict) -> bool
 
     if method != "sce":
         return False
-    base = inputs["base"][name].float()
-    deltas = torch.stack([inputs[k][name].float() - base for k in inputs if k != "base"])
+    deltas = torch.stack(deltas)
     v = torch.var(deltas, dim=0, unbiased=False)
     k = topk_count(params["select_topk"], int(torch.count_nonzero(v)))
     selected = deltas * topk_mask(v, k)
@@ -193,10 +190,13 @@ def agreement(method: str, ours: Folder, theirs: Folder, inputs: dict, params: d
             continue
         counts["differs"] += 1
         far += n_far
-        if uniform_fallback(method, name, inputs, params):
+        worst.append((n_far / a.numel(), name))
+        base = inputs["base"][name].float()
+        deltas = [inputs[k][name].float() - base for k in inputs if k != "base"]
+        if uniform_fallback(method, deltas, params):
             fallback += n_far
             continue
-        edge = boundary(method, name, inputs, params)
+        edge = boundary(method, base, deltas, params)
         if edge is not None:
             at_edge = int((mask & edge).sum())
             explained += at_edge
@@ -208,13 +208,10 @@ def agreement(method: str, ours: Folder, theirs: Folder, inputs: dict, params: d
                 continue
         # What is left: results that (nearly) cancel, θ₀ + Δ ≈ 0, where float32 rounding of the
         # operands decides the small remainder and a tiny absolute difference is many ulps.
-        base = inputs["base"][name].float()
         scale = base.abs()
-        for k in inputs:
-            if k != "base":
-                scale = torch.maximum(scale, (inputs[k][name].float() - base).abs())
+        for d in deltas:
+            scale = torch.maximum(scale, d.abs())
         cancelled += int((mask & ((a.float() - b.float()).abs() <= 1e-4 * scale)).sum())
-        worst.append((n_far / a.numel(), name))
     counts["extra in mergekit"] = len(set(theirs.files) - set(ours.files))
     worst.sort(reverse=True)
     return {"tensors": counts, "elements_far": far / max(elements, 1),
