@@ -1,19 +1,33 @@
-"""The optional C extension (fusion._kernels). Metadata lives in pyproject.toml.
+"""The package layout and the optional C extension (fusion.api._kernels). Metadata lives in
+pyproject.toml.
 
+The built-in plugins (``plugins/``) and the architecture data (``registry/``) sit at the top of
+the repository and install as the sub-packages ``fusion.plugins`` and ``fusion.registry``.
 The extension is optional: where it cannot be compiled (no C compiler), the install still
-succeeds and fusion runs on its torch reference path (`fusion doctor` says which is active).
+succeeds and fusion runs on its torch reference path (``fusion plugins`` says which is active).
 """
 
 import sys
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 
-args = [] if sys.platform == "win32" else ["-O3", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno", "-std=c99", "-D_GNU_SOURCE", "-pthread"]
+args = [] if sys.platform == "win32" else ["-O3", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno",
+                                          "-std=c99", "-D_GNU_SOURCE", "-pthread"]
+mapped = {"fusion.plugins": "plugins", "fusion.registry": "registry"}
+packages = find_packages(include=["fusion", "fusion.*"], exclude=["fusion.csrc"])
+for name, folder in mapped.items():
+    packages += [name] + [f"{name}.{p}" for p in find_packages(where=folder)]
 
-setup(ext_modules=[Extension(
-    "fusion._kernels",
-    sources=["fusion/_kernels.c"],
-    extra_compile_args=args,
-    extra_link_args=[] if sys.platform == "win32" else ["-pthread"],
-    optional=True,
-)])
+setup(
+    packages=packages,
+    package_dir={"fusion": "fusion", **mapped},
+    package_data={"fusion.registry": ["*.yaml"]},
+    exclude_package_data={"fusion": ["csrc/*"]},
+    ext_modules=[Extension(
+        "fusion.api._kernels",
+        sources=["fusion/csrc/kernels.c"],
+        extra_compile_args=args,
+        extra_link_args=[] if sys.platform == "win32" else ["-pthread"],
+        optional=True,
+    )],
+)

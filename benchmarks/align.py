@@ -20,8 +20,8 @@ import time
 import numpy as np
 
 from fusion.fuse.align import align_tokens, dtw
-from fusion.fuse.api import VocabContext
-from fusion.fuse.tokens import edit_distance, min_edit_distance_token, pivot_index
+from fusion.api.vocab import VocabContext
+from fusion.api.vocab import edit_distance, min_edit_distance_token, pivot_index
 
 
 def tokenizations(n: int, split: float, rng: random.Random) -> tuple[list[str], list[str]]:

@@ -127,7 +127,7 @@ def boundary(method: str, base, deltas: list, params: dict):
     sce: variances that differ in their last bits between float64 and float32 computations)."""
     import torch
 
-    from fusion.selection import topk_count
+    from fusion.api.selection import topk_count
 
     if method == "ties":
         out = torch.zeros(base.shape, dtype=torch.bool)
@@ -153,7 +153,7 @@ def uniform_fallback(method: str, deltas: list, params: dict) -> bool:
     when the summed mean squared (selected) deltas are below 1e-6, which small real deltas are."""
     import torch
 
-    from fusion.selection import topk_count, topk_mask
+    from fusion.api.selection import topk_count, topk_mask
 
     if method != "sce":
         return False

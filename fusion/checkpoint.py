@@ -12,32 +12,16 @@ import json
 import math
 import mmap
 import struct
-import os
-import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-from .errors import CheckpointError
+from .api.dtypes import DTYPES, from_name, nbytes
+from .api.errors import CheckpointError
+from .api.resolver import HEADERS_FILE
 
-#: safetensors dtype code → (torch dtype name, bytes per element)
-DTYPES = {
-    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
-    "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
-    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1),
-    "U8": ("uint8", 1), "BOOL": ("bool", 1),
-}
-FLOATING = frozenset({"F64", "F32", "F16", "BF16"})
-TORCH_TO_CODE = {name: code for code, (name, _) in DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024
-#: Marks a header-only model folder (see :func:`write_header_folder`).
-HEADERS_FILE = "fusion-headers.json"
-
-
-def nbytes(dtype: str, shape: tuple[int, ...]) -> int:
-    """Bytes of a tensor of safetensors dtype code ``dtype`` and ``shape``."""
-    return math.prod(shape) * DTYPES[dtype][1]
 
 
 @dataclass(frozen=True)
@@ -149,7 +133,7 @@ class Checkpoint:
         if self.format == "headers":
             raise CheckpointError(f"{self.label}: only the headers of its weights were fetched (for a plan "
                                   f"or dry run), so tensor {name!r} cannot be read; run the merge itself")
-        dtype = getattr(torch, DTYPES[info.dtype][0])
+        dtype = getattr(torch, DTYPES[info.dtype].name)
         if info.numel == 0:
             return torch.empty(info.shape, dtype=dtype)
         mm = self._map(info.file)
@@ -166,13 +150,13 @@ class Checkpoint:
         return memoryview(self._map(info.file))[info.start:info.end]
 
     def buffer(self, name: str, numel: int | None = None):
-        """The first ``numel`` elements (default all) as a :class:`fusion.kernels.Buffer` over
+        """The first ``numel`` elements (default all) as a :class:`fusion.api.kernels.Buffer` over
         the map, without torch (safetensors, in a dtype the C kernels read)."""
-        from .kernels import from_bytes
+        from .api.kernels import from_bytes
 
         info = self.tensors[name]
         numel = info.numel if numel is None else numel
-        return from_bytes(self.raw(name), DTYPES[info.dtype][0], numel)
+        return from_bytes(self.raw(name), DTYPES[info.dtype].name, numel)
 
     def _map(self, file: Path) -> mmap.mmap:
         mm = self._maps.get(file)
@@ -299,39 +283,13 @@ def _open_bin(folder: Path, label: str, config: dict, index: Path | None, bins: 
         state.update(loaded)
     tensors = {}
     for name, t in state.items():
-        code = TORCH_TO_CODE.get(str(t.dtype).removeprefix("torch."))
-        if code is None:
+        dt = from_name(t.dtype)
+        if dt is None:
             raise CheckpointError(f"{label}: tensor {name!r} in {folder} has unsupported dtype {t.dtype}")
-        tensors[name] = TensorInfo(name, code, tuple(t.shape), files[0])
+        tensors[name] = TensorInfo(name, dt.code, tuple(t.shape), files[0])
     ckpt = Checkpoint(folder, label, config, tensors, "bin")
     ckpt._bin = state
     return ckpt
-
-
-def write_header_folder(folder: Path, config: Mapping[str, Any], files: Mapping[str, tuple[int, dict]], *,
-                        source: str, download_bytes: int) -> Path:
-    """Write a header-only model folder: ``config.json`` plus the safetensors headers of the
-    weight files (``files`` maps a file name to its size in bytes and its decoded header).
-
-    A resolver asked for names and shapes only (``ResolveOptions.weights`` false: ``fusion plan``,
-    ``merge --dry-run``) may return such a folder instead of downloading the weights; fusion then
-    plans from it and reports ``download_bytes`` as what the merge itself would fetch. The folder
-    is written next to its final place and renamed, so a reader never sees half of it.
-    """
-    folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.mkdir(parents=True)
-    (tmp / "config.json").write_text(json.dumps(dict(config), indent=2) + "\n")
-    manifest = {"source": source, "download_bytes": download_bytes,
-                "files": {name: {"size": size, "header": header} for name, (size, header) in files.items()}}
-    (tmp / HEADERS_FILE).write_text(json.dumps(manifest) + "\n")
-    try:
-        os.replace(tmp, folder)
-    except OSError:  # another process wrote the same folder first: the content is the same
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
 
 
 def _open_headers(folder: Path, label: str, config: dict) -> Checkpoint:

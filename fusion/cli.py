@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import FusionError
+from .api.errors import FusionError
 
 _debug = False
 
@@ -32,7 +32,7 @@ def cli(debug: bool, plugins: tuple[str, ...]) -> None:
     """
     global _debug
     _debug = _debug or debug
-    from . import plugins as pm
+    from . import host as pm
 
     for spec in plugins:
         pm.add_local_plugin(spec)
@@ -41,7 +41,7 @@ def cli(debug: bool, plugins: tuple[str, ...]) -> None:
 def _plan(config_path: str, offline: bool, cache_dir: str | None, weights: bool = True):
     from .config import load_config
     from .plan import build_plan
-    from .resolve import ResolveOptions
+    from .api.resolver import ResolveOptions
 
     config = load_config(config_path)
     # weights=False: Hub models not in the cache are planned from their remote headers
@@ -89,7 +89,7 @@ def merge(config, output, dry_run, force, kernel, threads, shard_size, no_card, 
 
             click.echo(render(plan))
             return
-        from .engine import run_merge
+        from .stream import run_merge
 
         summary = run_merge(plan, Path(output), force=force, shard_size=size, kernel=kernel,
                             threads=threads, progress=not quiet, card=not no_card)
@@ -156,7 +156,7 @@ def plan_cmd(config, as_json, offline, cache_dir):
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def plugins(as_json):
     """List plugins: distribution, version, what each registers, and load errors."""
-    from . import plugins as pm
+    from . import host as pm
 
     infos = pm.plugin_infos()
     strategies = pm.strategies()
@@ -190,7 +190,7 @@ def plugins(as_json):
             for name in names:
                 if name in known:
                     click.echo(f"  {kind} {name}: {known[name].description}")
-    from .kernels import status
+    from .api.kernels import status
 
     click.echo(status())
 
@@ -199,7 +199,7 @@ def plugins(as_json):
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def architectures(as_json):
     """List the architectures fusion recognises."""
-    from . import plugins as pm
+    from . import host as pm
 
     specs = pm.architectures()
     if as_json:

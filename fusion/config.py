@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .architecture import PARTS
-from .errors import ConfigError
-from .strategy import Param, Strategy
+from .api.architecture import PARTS
+from .api.dtypes import output_dtype
+from .api.errors import ConfigError
+from .api.params import Param
+from .api.strategy import Strategy
 
 TOP_LEVEL_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "layout_from",
                   "merge_parts", "carry_unmatched")
@@ -30,13 +32,6 @@ UNSUPPORTED = {
                  "(set `layout_from` to choose it)",
     "chat_template": "chat_template is not supported; the chat template is copied from the layout model",
 }
-DTYPES = {
-    "float32": "F32", "fp32": "F32", "float": "F32",
-    "float16": "F16", "fp16": "F16", "half": "F16",
-    "bfloat16": "BF16", "bf16": "BF16",
-}
-
-
 @dataclass
 class ModelEntry:
     reference: str
@@ -186,9 +181,10 @@ def parse_config(text: str, source: Path | None = None) -> MergeConfig:
         value = data.get(key)
         if value is None:
             return None
-        if value not in DTYPES:
+        found = output_dtype(value)
+        if found is None:
             raise err(key, f"unknown dtype {value!r}; use float32, float16 or bfloat16")
-        return DTYPES[value]
+        return found.code
 
     merge_parts = data.get("merge_parts")
     if merge_parts is not None:

@@ -92,9 +92,9 @@ def run_demo(output: Path | None, progress: bool = True, echo: Callable[[str], N
     import torch
 
     from .config import parse_config
-    from .engine import run_merge
+    from .stream import run_merge
     from .plan import build_plan
-    from .resolve import ResolveOptions
+    from .api.resolver import ResolveOptions
 
     keep = output is not None
     root = Path(output) if keep else Path(tempfile.mkdtemp(prefix="fusion-demo-"))

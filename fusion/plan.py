@@ -12,13 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .architecture import PARTS, ArchitectureSpec, ExactNames, TensorRole, part_of
-from .checkpoint import FLOATING, Checkpoint, TensorInfo, nbytes, open_checkpoint
+from .api.architecture import PARTS, ArchitectureSpec, ExactNames, TensorRole, part_of
+from .api.dtypes import DTYPES, nbytes
+from .checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from .config import MergeConfig, ModelEntry, check_parameters, resolve_parameters
-from .errors import MergeError
-from .plugins import architectures, get_strategy
-from .resolve import ResolveOptions, resolve
-from .strategy import Strategy
+from .api.errors import MergeError
+from .host import architectures, get_strategy
+from .api.resolver import ResolveOptions
+from .resolve import resolve
+from .api.strategy import Strategy, TensorContext
 
 VOCAB_ROLES = ("embedding", "lm_head")
 
@@ -60,6 +62,7 @@ class TensorPlan:
     params: dict[str, Any] = field(default_factory=dict)
     rows: int | None = None  # merge only these leading rows; the rest come from the layout model
     note: str = ""
+    context: TensorContext | None = None  # what the strategy is told about the tensor
 
     @property
     def nbytes(self) -> int:
@@ -201,7 +204,7 @@ def build_plan(config: MergeConfig, options: ResolveOptions | None = None) -> Pl
         if not merge:
             tp.note = f"{_PART_NAMES.get(part, part)}: carried from the layout model"
             continue
-        if info.dtype not in FLOATING:
+        if not DTYPES[info.dtype].floating:
             tp.note = f"{info.dtype} is not a floating-point dtype: carried from the layout model"
             continue
         found = [(m, m.lookup(role.canonical)) for m in sources_of]
@@ -236,6 +239,9 @@ def build_plan(config: MergeConfig, options: ResolveOptions | None = None) -> Pl
         tp.inputs = sources
         tp.params = resolve_parameters(config, strategy, entries, (name, role.canonical),
                                        _position(role, num_layers))
+        merged_shape = info.shape if tp.rows is None else (tp.rows, *info.shape[1:])
+        tp.context = TensorContext(name, role.canonical, role.role, role.layer, num_layers, merged_shape,
+                                   models=tuple(m.label for m, _ in tp.inputs))
     if unmatched:
         notices.append(f"carry_unmatched: {len(unmatched)} tensors of the layout model that another model "
                        f"lacks were carried from the layout model (e.g. {unmatched[0]})")

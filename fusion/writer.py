@@ -15,8 +15,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from .checkpoint import DTYPES, nbytes
-from .errors import FusionError
+from .api.dtypes import DTYPES, nbytes
+from .api.errors import FusionError
+from .api.modelfiles import support_files
 
 
 def parse_size(text: str | int) -> int:
@@ -108,7 +109,7 @@ class ShardedWriter:
             tensor = memoryview(tensor).cast("B")
             if tensor.nbytes != n:
                 raise RuntimeError(f"tensor {name} has {tensor.nbytes} bytes, planned {n}")
-        elif tuple(tensor.shape) != shape or str(tensor.dtype).removeprefix("torch.") != DTYPES[dtype][0]:
+        elif tuple(tensor.shape) != shape or str(tensor.dtype).removeprefix("torch.") != DTYPES[dtype].name:
             raise RuntimeError(f"tensor {name} is {tensor.dtype} {list(tensor.shape)}, planned {dtype} {list(shape)}")
         if shard != self._shard:
             self._close()
@@ -141,3 +142,16 @@ class ShardedWriter:
             }
             (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         return list(self.files)
+
+
+def copy_support_files(source: Path, folder: Path, exclude: Sequence[str] = ("config.json",)) -> list[str]:
+    """Copy the model files besides the weights (tokenizer, processor, generation config, chat
+    templates) from the model folder ``source`` into ``folder``; return what was copied."""
+    copied = []
+    for name in support_files(source):
+        if name in exclude:
+            continue
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source / name, folder / name)
+        copied.append(name)
+    return copied

@@ -10,7 +10,7 @@ import torch
 
 from checkpoints import Shape, load_folder, random_tensors, save_checkpoint
 from fusion.checkpoint import open_checkpoint, read_safetensors_header
-from fusion.errors import CheckpointError, FusionError
+from fusion.api.errors import CheckpointError, FusionError
 from fusion.writer import ShardedWriter, atomic_folder, parse_size
 
 

@@ -43,7 +43,7 @@ class Result:
 @pytest.fixture(autouse=True)
 def _fresh_plugin_state(monkeypatch):
     """`--plugin` and the plugin cache are process globals: give every in-process run a clean slate."""
-    from fusion import plugins
+    from fusion import host as plugins
 
     monkeypatch.setattr(plugins, "_local_plugins", [])
     monkeypatch.delenv("FUSION_DEBUG", raising=False)
@@ -166,7 +166,7 @@ class Ranged(fusion.Strategy):
         fusion.Param("gain", float, 1.0, minimum=0, maximum=4),
     )
 
-    def merge(self, base, tensors, params):
+    def merge(self, base, tensors, params, context):
         return sum(tensors) / len(tensors)
 
 
@@ -189,7 +189,7 @@ class FailsLate(fusion.Strategy):
     base = "unused"
     parameters = ()
 
-    def merge(self, base, tensors, params):
+    def merge(self, base, tensors, params, context):
         global calls
         calls += 1
         if calls == 5:

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from fusion import hookspecs
+from fusion.api import hookspecs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -17,7 +17,7 @@ def test_every_hook_is_documented():
 
 
 def test_every_builtin_strategy_is_documented():
-    from fusion.plugins import strategies
+    from fusion.host import strategies
 
     doc = (ROOT / "docs" / "strategies.md").read_text()
     for name in strategies():

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fusion.config import check_parameters, load_config
-from fusion.plugins import get_strategy
+from fusion.host import get_strategy
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

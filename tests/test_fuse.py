@@ -15,13 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fusion.errors import ConfigError, FusionError
+from fusion.api.errors import ConfigError, FusionError
 from fusion.fuse.align import EXACT, FALLBACK, MAPPED, VocabMap, align_tokens, dtw, one_to_one
-from fusion.fuse.tokens import edit_distance, pivot_index, surface_strings
-from fusion.fuse.api import VocabContext
+from fusion.api.vocab import edit_distance, pivot_index
+from fusion.fuse.tokens import surface_strings
+from fusion.api.vocab import VocabContext
 from fusion.fuse.distributions import align, fuse, softmax_rows
 from fusion.fuse.represent import Representations
-from fusion.plugins import alignments, fusion_functions
+from fusion.host import alignments, fusion_functions
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -149,7 +150,7 @@ def test_min_ed_maps_to_the_closest_pivot_token():
 def test_nearest_token_search_equals_brute_force():
     import random
 
-    from fusion.fuse.tokens import min_edit_distance_token
+    from fusion.api.vocab import min_edit_distance_token
 
     rng = random.Random(3)
     alphabet = "abcdé Ġ"
@@ -551,7 +552,7 @@ def test_a_plugin_adds_an_alignment_and_a_fusion_function(tmp_path, monkeypatch)
     """The docs/plugins.md examples, loaded as a local plugin file, work as built-ins do."""
     import re
 
-    from fusion import plugins as pm
+    from fusion import host as pm
 
     doc = (ROOT / "docs" / "plugins.md").read_text()
     code = re.search(r"```python\n(import fusion\n\nclass Lowercase.*?)```", doc, re.S).group(1)
@@ -650,7 +651,7 @@ def test_a_source_named_by_its_hub_name(case, tmp_path, monkeypatch):
     from hubserver import FakeHub
 
     from fuse_models import write_config
-    from fusion import plugins
+    from fusion import host as plugins
     from fusion.fuse.pipeline import run_fuse
 
     root = _copy_case(case, tmp_path)

@@ -1,4 +1,4 @@
-"""The Hub resolver (fusion.default_plugins.hub_resolver) against a local Hub on 127.0.0.1.
+"""The Hub resolver (fusion.plugins.hub) against a local Hub on 127.0.0.1.
 
 huggingface_hub fixes HF_ENDPOINT, HF_HOME, HF_HUB_CACHE and HF_HUB_OFFLINE when it is imported,
 into ``huggingface_hub.constants``. In-process tests therefore set the environment variables the
@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 
 import fusion
-from fusion import plugins
-from fusion.default_plugins import BUILTINS
-from fusion.default_plugins import hub_resolver
+from fusion import host as plugins
+from fusion.host import BUILTINS
+from fusion.plugins import hub as hub_resolver
 from fusion.resolve import ResolveOptions, resolve
 
 from hubserver import FakeHub
@@ -32,7 +32,7 @@ from hubserver import FakeHub
 torch = pytest.importorskip("torch")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-PLUGIN = "fusion.default_plugins.hub_resolver"
+PLUGIN = "fusion.plugins.hub"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # What a merge needs from a repository: the weights and the files a model folder needs to load.
@@ -603,8 +603,8 @@ def test_invalid_revision_text(hub, cache, tiny):
 _SCRIPT = textwrap.dedent("""
     import json, sys
     import fusion
-    from fusion import plugins
-    from fusion.default_plugins import BUILTINS
+    from fusion import host as plugins
+    from fusion.host import BUILTINS
     from fusion.resolve import ResolveOptions, resolve
     if %(plugin)r not in BUILTINS:
         plugins.add_local_plugin(%(plugin)r)
@@ -657,16 +657,6 @@ def test_environment_variables_in_a_fresh_process(hub, tmp_path, tiny):
 # end to end: `fusion merge` by Hub name gives what the same merge of local folders gives
 
 
-def _cli_available() -> bool:
-    try:
-        importlib.import_module("fusion.cli")
-        importlib.import_module("fusion.engine")
-    except Exception:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _cli_available(), reason="the merge CLI is not there yet")
 def test_merge_by_hub_name_equals_merge_of_local_folders(hub, tmp_path, hf_env, capsys):
     from fusion.cli import main as fusion_main
 

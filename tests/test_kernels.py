@@ -17,13 +17,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from checkpoints import Shape, load_folder, random_tensors, save_checkpoint
-from fusion import kernels
+from fusion.api import kernels
 from fusion.checkpoint import Checkpoint, open_checkpoint
-from fusion.default_plugins.linear import Linear
-from fusion.default_plugins.sce import Sce, _population_variance
-from fusion.default_plugins.task_arithmetic import TaskArithmetic
-from fusion.default_plugins.ties import Ties
-from fusion.selection import topk_count, topk_mask
+from fusion.plugins.linear import Linear
+from fusion.plugins.sce import Sce, _population_variance
+from fusion.plugins.task_arithmetic import TaskArithmetic
+from fusion.plugins.ties import Ties
+from fusion.api.selection import topk_count, topk_mask
+from fusion.api.strategy import TensorContext
+
+CTX = TensorContext("tensor")
 
 REQUIRED = os.environ.get("FUSION_REQUIRE_C") == "1"
 needs_c = pytest.mark.skipif(not kernels.available() and not REQUIRED,
@@ -109,7 +112,7 @@ def inputs(draw, min_models: int = 1, max_models: int = 4):
 
 def reference(strategy, base, models, params, out_dtype) -> torch.Tensor:
     b = base.float() if base is not None else None
-    return strategy.merge(b, [m.float() for m in models], params).to(out_dtype)
+    return strategy.merge(b, [m.float() for m in models], params, CTX).to(out_dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,10 +184,10 @@ def test_linear_and_task_arithmetic_equal_reference(case, data):
     lam, normalize = data.draw(lambdas), data.draw(st.booleans())
     out = torch.empty(base.numel(), dtype=out_dtype)
     params = {"weight": weights, "lambda": lam, "normalize": normalize}
-    TaskArithmetic().merge_compiled(out, base, models, params, threads=2, release=False)
+    TaskArithmetic().merge_compiled(out, base, models, params, CTX, threads=2, release=False)
     assert_within_one_ulp(out, reference(TaskArithmetic(), base, models, params, out_dtype))
     params = {"weight": weights, "normalize": normalize and abs(sum(weights)) >= 1e-8}
-    Linear().merge_compiled(out, None, models, params, threads=2, release=False)
+    Linear().merge_compiled(out, None, models, params, CTX, threads=2, release=False)
     assert_within_one_ulp(out, reference(Linear(), None, models, params, out_dtype))
 
 
@@ -280,7 +283,7 @@ def test_released_file_maps_still_read_correctly(tmp_path):
     views = [c.read("w") for c in ckpts]
     out = torch.empty(n, dtype=torch.bfloat16)
     params = {"weight": [1.0, 1.0, 1.0], "density": [0.5] * 3, "lambda": 1.0, "normalize": True}
-    Ties().merge_compiled(out, views[0], views[1:], params, threads=2, release=True)
+    Ties().merge_compiled(out, views[0], views[1:], params, CTX, threads=2, release=True)
     assert_within_one_ulp(out, reference(Ties(), base, models, params, torch.bfloat16))
     assert all(torch.equal(v, t) for v, t in zip(views, [base, *models]))
     for c in ckpts:
@@ -367,7 +370,7 @@ class Negate(fusion.Strategy):
     description = "Subtract the task vectors."
     parameters = ()
 
-    def merge(self, base, tensors, params):
+    def merge(self, base, tensors, params, context):
         return base - sum(t - base for t in tensors)
 
 @fusion.hookimpl

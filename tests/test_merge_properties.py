@@ -1,5 +1,5 @@
 """Property tests: generated checkpoints of every registered text architecture, merged through the
-real engine, checked tensor by tensor against the formulas of DESIGN.md."""
+real engine, checked tensor by tensor against the formulas of docs/strategies.md."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ from hypothesis import strategies as st
 from checkpoints import DTYPES, Shape, load_folder, random_tensors, save_checkpoint
 from fusion.checkpoint import read_safetensors_header
 from fusion.config import parse_config
-from fusion.engine import run_merge
+from fusion.stream import run_merge
 from fusion.plan import build_plan
-from fusion.resolve import ResolveOptions
+from fusion import ResolveOptions
+from fusion.api.strategy import TensorContext
 
 OUT_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
@@ -53,7 +54,7 @@ def models_yaml(names, weights) -> str:
 
 
 def reference(method: str, base, tensors, weights, lam: float, normalize: bool):
-    """The formula in float64, element-wise, as DESIGN.md writes it."""
+    """The formula in float64, element-wise, as docs/strategies.md writes it."""
     thetas = [t.double() for t in tensors]
     if method == "linear":
         total = sum(w * t for w, t in zip(weights, thetas))
@@ -156,11 +157,12 @@ def test_identities(shape, dtype, seed, weights):
         for n in base:
             torch.testing.assert_close(forward[n], backward[n], rtol=torch.finfo(forward[n].dtype).eps, atol=1e-6)
 
-        from fusion.default_plugins.task_arithmetic import TaskArithmetic
+        from fusion.plugins.task_arithmetic import TaskArithmetic
 
         params = {"weight": weights, "lambda": 1.0, "normalize": True}
         for n in base:  # the whole model in memory, merged by the same strategy
-            in_memory = TaskArithmetic().merge(base[n].float(), [fts[m][n].float() for m in names], params)
+            in_memory = TaskArithmetic().merge(base[n].float(), [fts[m][n].float() for m in names], params,
+                                               TensorContext(n))
             assert torch.equal(forward[n], in_memory.to(base[n].dtype)), n
 
 
@@ -215,7 +217,7 @@ def test_vocabulary_rows_only_layout_has_are_carried(tmp_path):
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
 def test_chunked_elementwise_merge_equals_whole_tensor_merge(tmp_path, monkeypatch, method):
     """Elementwise strategies run in row chunks on large tensors; the chunks must not show."""
-    import fusion.engine
+    import fusion.stream
 
     shape = Shape(vocab=23, heads=3, head_dim=4)
     base = random_tensors(shape, "bfloat16", 7)
@@ -225,7 +227,7 @@ def test_chunked_elementwise_merge_equals_whole_tensor_merge(tmp_path, monkeypat
     text = (f"merge_method: {method}\nbase_model: ./base\nmodels:\n{models_yaml(['ft0', 'ft1'], [0.6, 0.9])}\n"
             "parameters: {normalize: true}\n")
     whole = load_folder(merge(tmp_path, text))
-    monkeypatch.setattr(fusion.engine, "CHUNK_ELEMENTS", 25)  # several rows, not a row multiple
+    monkeypatch.setattr(fusion.stream, "CHUNK_ELEMENTS", 25)  # several rows, not a row multiple
     chunked = load_folder(merge(tmp_path, text))
     for name in whole:
         torch.testing.assert_close(chunked[name], whole[name], rtol=2 ** -8, atol=1e-7, msg=name)
@@ -237,7 +239,7 @@ def test_chunked_elementwise_merge_equals_whole_tensor_merge(tmp_path, monkeypat
 def test_every_builtin_strategy_end_to_end_on_sharded_bf16(method, densities, topk, seed):
     """Through the engine (sharded bf16 in and out, per-model and global parameters), each
     strategy's output equals the strategy applied to the whole model in memory."""
-    from fusion.plugins import strategies
+    from fusion.host import strategies
 
     strategy = strategies()[method]
     shape = Shape(family="qwen2", layers=2, vocab=17)
@@ -265,5 +267,6 @@ def test_every_builtin_strategy_end_to_end_on_sharded_bf16(method, densities, to
             for k in per_model:
                 params[k] = [[0.6, 1.3][i] if k == "weight" else densities[i] for i in range(2)]
             use_base = b.float() if strategy.base != "unused" else None
-            expected = strategy.merge(use_base, [f[name].float() for f in fts], params).to(torch.bfloat16)
+            expected = strategy.merge(use_base, [f[name].float() for f in fts], params,
+                                      TensorContext(name)).to(torch.bfloat16)
             assert torch.equal(out[name], expected), name

@@ -315,7 +315,7 @@ class NegateDelta(fusion.Strategy):
         fusion.Param("lambda", float, 1.0, minimum=0, maximum=1),
     )
 
-    def merge(self, base, tensors, params):
+    def merge(self, base, tensors, params, context):
         delta = sum(w * (t - base) for w, t in zip(params["weight"], tensors))
         return base - params["lambda"] * delta
 

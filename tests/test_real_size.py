@@ -12,11 +12,12 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from fusion.architecture import part_of  # noqa: E402
-from fusion.checkpoint import TORCH_TO_CODE, open_checkpoint, read_safetensors_header  # noqa: E402
+from fusion.api.architecture import part_of  # noqa: E402
+from fusion.api.dtypes import from_name  # noqa: E402
+from fusion.checkpoint import open_checkpoint, read_safetensors_header  # noqa: E402
 from fusion.config import parse_config  # noqa: E402
 from fusion.plan import build_plan, detect, render  # noqa: E402
-from fusion.resolve import ResolveOptions  # noqa: E402
+from fusion import ResolveOptions  # noqa: E402
 from vlm_models import LAYOUTS, hub_name, rewrite_layout, text_config, vlm_class, vlm_config  # noqa: E402
 
 CONFIGS = Path(__file__).parent / "data" / "real_configs"
@@ -38,7 +39,7 @@ def write_sparse(folder: Path, config: dict, tensors: dict[str, tuple[tuple[int,
     header, offset = {}, 0
     for name, (shape, dtype) in tensors.items():
         size = torch.Size(shape).numel() * dtype.itemsize
-        header[name] = {"dtype": TORCH_TO_CODE[str(dtype).removeprefix("torch.")], "shape": list(shape),
+        header[name] = {"dtype": from_name(dtype).code, "shape": list(shape),
                         "data_offsets": [offset, offset + size]}
         offset += size
     raw = json.dumps(header).encode()

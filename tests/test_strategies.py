@@ -1,6 +1,6 @@
-"""Property tests of the tensor strategies and of fusion.selection against slow oracles.
+"""Property tests of the tensor strategies and of fusion.api.selection against slow oracles.
 
-The oracles below are written from DESIGN.md's "Strategy semantics" section, element by element
+The oracles below are written from docs/strategies.md, element by element
 on Python floats. They emulate float32 arithmetic with f32() (one rounding per operation, models
 summed 1..N as the formulas are written), so discrete decisions (which entries are kept, which
 sign is elected) must agree exactly, and so must TIES' values. SCE and VaRM weigh models by sums
@@ -23,15 +23,17 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import fusion
-from fusion.default_plugins import sce as sce_module
-from fusion.default_plugins import ties as ties_module
-from fusion.default_plugins import varm as varm_module
-from fusion.default_plugins.linear import Linear
-from fusion.default_plugins.sce import Sce
-from fusion.default_plugins.task_arithmetic import TaskArithmetic
-from fusion.default_plugins.ties import Ties
-from fusion.default_plugins.varm import Varm
-from fusion.selection import topk_count, topk_mask
+from fusion.plugins import sce as sce_module
+from fusion.plugins import ties as ties_module
+from fusion.plugins import varm as varm_module
+from fusion.plugins.linear import Linear
+from fusion.plugins.sce import Sce
+from fusion.plugins.task_arithmetic import TaskArithmetic
+from fusion.plugins.ties import Ties
+from fusion.plugins.varm import Varm
+from fusion.api.selection import topk_count, topk_mask
+
+CTX = fusion.TensorContext("tensor")
 
 # ---------------------------------------------------------------------------------------------
 # Oracles
@@ -193,7 +195,7 @@ def tensor(values: Sequence[float], shape: tuple) -> torch.Tensor:
 
 def run(strategy: fusion.Strategy, shape, base, models, params) -> torch.Tensor:
     # Fresh tensors on every call: strategies may work in place on the host's copies.
-    out = strategy.merge(tensor(base, shape), [tensor(m, shape) for m in models], params)
+    out = strategy.merge(tensor(base, shape), [tensor(m, shape) for m in models], params, CTX)
     assert out.dtype == torch.float32 and out.shape == shape
     return out
 
@@ -205,7 +207,7 @@ def assert_scaled_close(actual: torch.Tensor, expected: list[float], shape, *inp
 
 
 # ---------------------------------------------------------------------------------------------
-# fusion.selection
+# fusion.api.selection
 
 
 @given(st.data())
@@ -297,7 +299,7 @@ def test_ties_keeps_exactly_floor_density_n_entries(data, density):
     n = data.draw(st.integers(0, 60))
     delta = data.draw(st.lists(st.sampled_from(NONZERO_TIE_VALUES), min_size=n, max_size=n))
     params = {"weight": [1.0], "density": [density], "lambda": 1.0, "normalize": True}
-    out = Ties().merge(torch.zeros(n), [tensor(delta, (n,))], params)
+    out = Ties().merge(torch.zeros(n), [tensor(delta, (n,))], params, CTX)
     assert int(torch.count_nonzero(out)) == math.floor(density * n)
 
 
@@ -338,7 +340,7 @@ def test_sce_selects_exactly_floor_tau_nonzero_variance_entries(data, tau):
     base = torch.zeros(n)
     model_2 = tensor([0.0 if v else d for d, v in zip(delta, varies)], (n,))
     params = {"select_topk": tau, "select_scope": "all", "lambda": 1.0}
-    out = Sce().merge(base, [tensor(delta, (n,)), model_2], params)
+    out = Sce().merge(base, [tensor(delta, (n,)), model_2], params, CTX)
     expected = math.floor(tau * sum(varies)) if tau < 1 else n
     assert int(torch.count_nonzero(out)) == expected
 
@@ -349,7 +351,7 @@ def test_sce_full_selection_of_equal_deltas_returns_base_plus_delta(inputs, n_mo
     shape, base, (model,) = inputs
     base_t, theta = tensor(base, shape), tensor(model, shape)
     out = Sce().merge(base_t.clone(), [theta.clone() for _ in range(n_models)],
-                      {"select_topk": 1.0, "select_scope": scope, "lambda": 1.0})
+                      {"select_topk": 1.0, "select_scope": scope, "lambda": 1.0}, CTX)
     torch.testing.assert_close(out, base_t + (theta - base_t))
 
 
@@ -358,7 +360,7 @@ def test_sce_weights_small_real_deltas_instead_of_falling_back_to_uniform(small)
     base = torch.zeros(4)
     deltas = [torch.full((4,), small), torch.full((4,), 3 * small)]
     out = Sce().merge(base, [base + d for d in deltas],
-                      {"select_topk": 1.0, "select_scope": "all", "lambda": 1.0})
+                      {"select_topk": 1.0, "select_scope": "all", "lambda": 1.0}, CTX)
     # η = (1/10, 9/10): Δ = (0.1·δ₁ + 0.9·δ₂) / (0.1 + 0.9) = 2.8·small; uniform would give 2·small.
     torch.testing.assert_close(out, torch.full((4,), 2.8 * small))
 

@@ -15,10 +15,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from fusion.config import parse_config  # noqa: E402
-from fusion.engine import run_merge  # noqa: E402
-from fusion.errors import ConfigError, MergeError  # noqa: E402
+from fusion.stream import run_merge  # noqa: E402
+from fusion.api.errors import ConfigError, MergeError  # noqa: E402
 from fusion.plan import build_plan  # noqa: E402
-from fusion.resolve import ResolveOptions  # noqa: E402
+from fusion import ResolveOptions  # noqa: E402
 from vlm_models import (LAYOUTS, build_text, build_vlm, file_tensors, image_inputs, language_pairs,  # noqa: E402
                         text_config, vlm_class, vlm_config)
 

@@ -17,9 +17,9 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import save_file  # noqa: E402
 
 from fusion.config import parse_config  # noqa: E402
-from fusion.engine import run_merge  # noqa: E402
+from fusion.stream import run_merge  # noqa: E402
 from fusion.plan import build_plan  # noqa: E402
-from fusion.resolve import ResolveOptions  # noqa: E402
+from fusion import ResolveOptions  # noqa: E402
 from test_merge_properties import assert_within_rounding  # noqa: E402
 from vlm_models import LAYOUTS, file_tensors, hub_name, language_pairs, text_config, vlm_class, vlm_config  # noqa: E402
 

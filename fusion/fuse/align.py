@@ -14,8 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .api import Alignment, VocabContext
-from .tokens import edit_distance
+from ..api.vocab import Alignment, VocabContext
+from ..api.vocab import edit_distance
 
 #: Positions whose next pivot token is exact, mapped or fell back (report order).
 EXACT, MAPPED, FALLBACK = 0, 1, 2

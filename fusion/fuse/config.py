@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..config import DTYPES, _check_value, model_reference, parse_yaml
-from ..errors import ConfigError
+from ..api.dtypes import output_dtype
+from ..config import _check_value, model_reference, parse_yaml
+from ..api.errors import ConfigError
 
 TOP_LEVEL_KEYS = ("pivot", "sources", "data", "eval_data", "representations", "alignment",
                   "fusion_function", "training", "merge")
@@ -97,7 +98,7 @@ def _section(data: Mapping, key: str, cls: type, lines: Mapping[str, int], check
 
 
 def parse_fuse_config(text: str, source: Path | None = None) -> FuseConfig:
-    from ..plugins import alignments, fusion_functions, get_strategy
+    from ..host import alignments, fusion_functions, get_strategy
 
     data, lines = parse_yaml(text, str(source or "config"))
 
@@ -160,9 +161,10 @@ def parse_fuse_config(text: str, source: Path | None = None) -> FuseConfig:
     })
 
     def dtype(v, p):
-        if v not in DTYPES or DTYPES[v] not in ("F32", "BF16", "F16"):
+        found = output_dtype(v)
+        if found is None:
             raise err(p, f"unknown dtype {v!r}; use float32, bfloat16 or float16")
-        return {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[DTYPES[v]]
+        return found.name
 
     training = _section(data, "training", Training, lines, {
         "lm_loss_weight": lambda v, p: number(v, p, minimum=0.0, maximum=1.0),

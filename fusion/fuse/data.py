@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import FusionError
+from ..api.errors import FusionError
 
 ROLES = ("system", "user", "assistant")
 

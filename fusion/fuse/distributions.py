@@ -21,8 +21,8 @@ import numpy as np
 
 from .cache import load_arrays, save_arrays
 from .align import EXACT, FALLBACK, MAPPED, STATUS_NAMES, VocabMap, align_tokens, one_to_one
-from .tokens import pivot_index
-from .api import Alignment, FusionFunction, VocabContext
+from ..api.vocab import pivot_index
+from ..api.vocab import Alignment, FusionFunction, VocabContext
 from .represent import Representations
 
 
@@ -140,7 +140,7 @@ def fuse(pivot: Representations, aligned: Aligned, source_ce: np.ndarray, functi
         ce = [float(pivot.ce[i]), float(source_ce[i])]
         w = [1.0, 0.0] if not all(np.isfinite(ce)) else list(function.weights(ce))
         if len(w) != 2 or min(w) < 0 or abs(sum(w) - 1) > 1e-6:
-            from ..errors import FusionError
+            from ..api.errors import FusionError
 
             raise FusionError(f"fusion function {function.name!r} returned weights {w} for two candidates; "
                               f"it must return two non-negative weights that sum to 1")

@@ -6,7 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from ..errors import FusionError
+from ..api.errors import FusionError
 
 
 def transformers():

@@ -16,8 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import FusionError
-from ..resolve import ResolveOptions, looks_like_hub_name, resolve
+from ..api.errors import FusionError
+from ..api.resolver import ResolveOptions, looks_like_hub_name
+from ..resolve import resolve
 from .config import FuseConfig, load_fuse_config
 
 STAGES = ("represent", "fuse", "train", "merge")
@@ -225,7 +226,7 @@ def _fused_key(run: Run, s: Model) -> str:
 
 def _fuse(run: Run) -> None:
     """Stage 2: align each source's distributions to the pivot and fuse them per sequence."""
-    from ..plugins import alignments, fusion_functions
+    from ..host import alignments, fusion_functions
     from . import train
     from .tokens import surface_strings
     from .distributions import FusedTargets, align, fuse
@@ -272,8 +273,7 @@ def _train(run: Run) -> None:
     """Stage 3: distil each source's fused targets into a copy of the pivot (on every process)."""
     import torch
 
-    from ..engine import SIDE_FILES
-    from ..writer import atomic_folder
+    from ..writer import atomic_folder, copy_support_files
     from . import models, train
     from .distributions import FusedTargets, targets_key
     from .report import target_card
@@ -311,9 +311,7 @@ def _train(run: Run) -> None:
             model.to(getattr(torch, tcfg.dtype))
             with atomic_folder(target, force=True) as tmp:
                 model.save_pretrained(tmp)
-                for side in SIDE_FILES:
-                    if side != "generation_config.json" and (run.pivot.folder / side).is_file():
-                        shutil.copyfile(run.pivot.folder / side, tmp / side)
+                copy_support_files(run.pivot.folder, tmp, exclude=("config.json", "generation_config.json"))
                 (tmp / "README.md").write_text(target_card(run.pivot.reference, s.reference, c.text, asdict(tcfg),
                                                            c.alignment, c.fusion_function))
                 (tmp / "fuse.json").write_text(json.dumps({"key": key, "curve": curve}, indent=2) + "\n")
@@ -331,9 +329,9 @@ def _merge(run: Run) -> Path | None:
     import yaml
 
     from ..config import parse_config
-    from ..engine import run_merge
+    from ..stream import run_merge
     from ..plan import build_plan
-    from ..plugins import get_strategy
+    from ..host import get_strategy
     from .report import merged_note
 
     t0 = time.perf_counter()

@@ -1,29 +1,11 @@
-"""Token strings: what each token id stands for, edit distance, and the nearest pivot token.
+"""Token strings: what each token id of a tokenizer stands for.
 
-Plain Python (no numpy, no torch), so plugins that map vocabularies stay light.
+Edit distances and the nearest pivot token are part of the plugin contract (fusion.api.vocab).
 """
 
 from __future__ import annotations
 
 import json
-from functools import lru_cache
-from typing import Sequence
-
-from .api import VocabContext
-
-
-@lru_cache(maxsize=1 << 18)
-def edit_distance(a: str, b: str) -> int:
-    """Levenshtein distance (insertions, deletions, substitutions all cost 1)."""
-    if len(a) < len(b):
-        a, b = b, a
-    previous = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        current = [i]
-        for j, cb in enumerate(b, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
-        previous = current
-    return previous[-1]
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -70,69 +52,3 @@ def surface_strings(tokenizer) -> list[str]:
         else:
             strings[i] = token.replace("▁", " ")
     return strings
-
-
-def pivot_index(pivot_tokens: Sequence[str]) -> dict[str, int]:
-    index: dict[str, int] = {}
-    for i, s in enumerate(pivot_tokens):
-        if s:
-            index.setdefault(s, i)
-    return index
-
-
-def min_edit_distance_token(text: str, context: VocabContext) -> int:
-    """The pivot id whose string is closest to ``text`` (lowest id on ties), or -1.
-
-    A string of length L is at least |L − len(text)| edits away, so lengths are searched outwards
-    from len(text) and the search stops once no remaining length can beat the best found; each
-    length's tokens are compared all at once (a real vocabulary has thousands per length).
-    """
-    buckets = _buckets(context)
-    best, best_id = None, -1
-    for delta in range(0, max(buckets, default=0) + len(text) + 1):
-        if best is not None and delta > best:
-            break
-        for length in {len(text) - delta, len(text) + delta}:
-            if length not in buckets:
-                continue
-            ids, codes = buckets[length]
-            d = _distances(text, codes)
-            low = int(d.min())
-            p = int(ids[int((d == low).argmax())])  # ids ascend within a bucket: the lowest id
-            if best is None or low < best or (low == best and p < best_id):
-                best, best_id = low, p
-    return best_id
-
-
-def _buckets(context: VocabContext) -> dict:
-    """Pivot tokens by string length: (ids, [n, length] code points), built once per context."""
-    import numpy as np
-
-    cached = getattr(context, "_buckets", None)
-    if cached is None:
-        by_length: dict[int, list[int]] = {}
-        for p, s in enumerate(context.pivot_tokens):
-            if s:
-                by_length.setdefault(len(s), []).append(p)
-        cached = {length: (np.array(ids), np.array([[ord(c) for c in context.pivot_tokens[p]] for p in ids],
-                                                   dtype=np.int64))
-                  for length, ids in by_length.items()}
-        context._buckets = cached  # type: ignore[attr-defined]
-    return cached
-
-
-def _distances(text: str, codes):
-    """Levenshtein distance from ``text`` to each row of ``codes`` (equal-length strings), the
-    dynamic programme run over all rows at once."""
-    import numpy as np
-
-    n, length = codes.shape
-    prev = np.tile(np.arange(length + 1), (n, 1))
-    for i, ch in enumerate(text, 1):
-        cur = np.empty_like(prev)
-        cur[:, 0] = i
-        differs = codes != ord(ch)
-        for j in range(1, length + 1):
-            cur[:, j] = np.minimum(np.minimum(prev[:, j], cur[:, j - 1]) + 1, prev[:, j - 1] + differs[:, j - 1])
-        prev = cur
-    return prev[:, length]

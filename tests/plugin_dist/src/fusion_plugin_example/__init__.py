@@ -20,7 +20,7 @@ class ScaledAverage(fusion.Strategy):
         fusion.Param("scale", float, 1.0, minimum=-2, maximum=2, help="multiplies the average"),
     )
 
-    def merge(self, base, tensors, params):
+    def merge(self, base, tensors, params, context):
         weights = params["weight"]
         total = sum(w * t for w, t in zip(weights, tensors))
         return params["scale"] * (total / sum(weights))

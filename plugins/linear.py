@@ -26,7 +26,7 @@ class Linear(fusion.Strategy):
         fusion.Param("normalize", bool, True, help="divide by Σ wᵢ"),
     )
 
-    def merge(self, base, tensors, params):
+    def merge(self, base, tensors, params, context):
         weights = params["weight"]
         total = tensors[0].mul_(weights[0])  # the inputs are the host's copies: work in place
         for w, t in zip(weights[1:], tensors[1:]):
@@ -35,8 +35,8 @@ class Linear(fusion.Strategy):
             return total
         return total.div_(_denominator(weights))
 
-    def merge_compiled(self, out, base, tensors, params, *, threads, release):
-        from fusion import kernels
+    def merge_compiled(self, out, base, tensors, params, context, *, threads, release):
+        from fusion.api import kernels
 
         if params["normalize"]:
             _denominator(params["weight"])

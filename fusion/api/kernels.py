@@ -1,6 +1,6 @@
 """The compiled merge kernels: exact, fused, threaded C versions of the built-in strategies.
 
-The C extension (``fusion._kernels``) is built by ``pip install`` when a C compiler is present;
+The C extension (``fusion.api._kernels``) is built by ``pip install`` when a C compiler is present;
 without one the install still succeeds and every merge runs on the torch reference
 (:func:`available` says which). The functions here take flat runs of bfloat16, float16 or
 float32 numbers, as :class:`Buffer` objects or contiguous CPU torch tensors (in a merge, Buffers
@@ -11,7 +11,7 @@ result straight into ``out``, a buffer of the output dtype:
   even, as torch's cast), so results equal the torch reference's; SCE's float64 sums of squares
   are added in another order, which can move a result by one unit in the last place at most;
 - top-k selection by radix select on the keys' bit patterns, ties at the k-th key to the lower
-  index: the same masks as :func:`fusion.selection.topk_mask`;
+  index: the same masks as :func:`fusion.api.selection.topk_mask`;
 - no full-size float32 temporaries: each pass streams the inputs in small blocks;
 - ``threads`` pthreads, started with the GIL released, each on one contiguous range.
 
@@ -192,7 +192,7 @@ def _mask(m: "torch.Tensor", n: int) -> int:
 
 
 def topk_mask(key: "torch.Tensor", k: int, threads: int | None = None) -> "torch.Tensor":
-    """The C twin of :func:`fusion.selection.topk_mask` (same masks, by radix select)."""
+    """The C twin of :func:`fusion.api.selection.topk_mask` (same masks, by radix select)."""
     import torch
 
     _need()

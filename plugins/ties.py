@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import fusion
-from fusion.selection import topk_count, topk_mask
+from fusion.api.selection import topk_count, topk_mask
 
 if TYPE_CHECKING:  # torch is imported in merge(), so that listing plugins stays fast
     import torch
@@ -34,6 +34,7 @@ class Ties(fusion.Strategy):
         base: "torch.Tensor | None",
         tensors: "Sequence[torch.Tensor]",
         params: Mapping[str, Any],
+        context: fusion.TensorContext,
     ) -> "torch.Tensor":
         import torch
 
@@ -59,8 +60,8 @@ class Ties(fusion.Strategy):
             total = total / torch.where(divisor == 0, 1.0, divisor)
         return base + params["lambda"] * total
 
-    def merge_compiled(self, out, base, tensors, params, *, threads, release):
-        from fusion import kernels
+    def merge_compiled(self, out, base, tensors, params, context, *, threads, release):
+        from fusion.api import kernels
 
         n = kernels.buffer(out).numel
         return kernels.ties(

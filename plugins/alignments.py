@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections import defaultdict
 
 import fusion
-from fusion.fuse.tokens import edit_distance, min_edit_distance_token
 
 
 class Exact(fusion.Alignment):
@@ -23,7 +22,7 @@ class MinEditDistance(fusion.Alignment):
     def map_tokens(self, source_ids, context):
         out = {}
         for s in source_ids:
-            p = min_edit_distance_token(context.source_tokens[s], context)
+            p = fusion.min_edit_distance_token(context.source_tokens[s], context)
             if p >= 0:
                 out[s] = p
         return out
@@ -43,9 +42,9 @@ class Statistics(fusion.Alignment):
             text = context.source_tokens[s]
             counts = seen.get(s)
             if counts:
-                out[s] = min(counts, key=lambda p: (edit_distance(text, context.pivot_tokens[p]), -counts[p], p))
+                out[s] = min(counts, key=lambda p: (fusion.edit_distance(text, context.pivot_tokens[p]), -counts[p], p))
             else:
-                p = min_edit_distance_token(text, context)
+                p = fusion.min_edit_distance_token(text, context)
                 if p >= 0:
                     out[s] = p
         return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import fusion
-from fusion.selection import topk_count, topk_mask
+from fusion.api.selection import topk_count, topk_mask
 
 if TYPE_CHECKING:  # torch is imported in merge(), so that listing plugins stays fast
     import torch
@@ -53,6 +53,7 @@ class Sce(fusion.Strategy):
         base: "torch.Tensor | None",
         tensors: "Sequence[torch.Tensor]",
         params: Mapping[str, Any],
+        context: fusion.TensorContext,
     ) -> "torch.Tensor":
         import torch
 
@@ -87,8 +88,8 @@ class Sce(fusion.Strategy):
         divisor = sum(torch.where(m, eta, 0.0) for m, eta in zip(agrees, etas))
         return base + params["lambda"] * (total / torch.where(divisor == 0, 1.0, divisor))
 
-    def merge_compiled(self, out, base, tensors, params, *, threads, release):
-        from fusion import kernels
+    def merge_compiled(self, out, base, tensors, params, context, *, threads, release):
+        from fusion.api import kernels
 
         bad, _ = kernels.sce(out, base, tensors, tau=params["select_topk"],
                              scope_all=params["select_scope"] == "all", lam=params["lambda"],

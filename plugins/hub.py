@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fnmatch
 import json
 import os
 import re
@@ -40,7 +39,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import fusion
-from fusion.resolve import looks_like_hub_name
+from fusion.api.modelfiles import is_support_file
+from fusion.api.resolver import looks_like_hub_name
 
 _FULL_COMMIT = re.compile(r"[0-9a-f]{40}")
 _DEFAULT_REVISION = "main"
@@ -49,27 +49,6 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 # Header-only folders for plans live beside huggingface_hub's snapshots, one per commit.
 HEADERS_FOLDER = "fusion-headers"
 PYTORCH_INDEX = "pytorch_model.bin.index.json"
-
-# Files besides the weights that a merged model folder needs to load and to tokenize/process
-# input. Matched against top-level file names only.
-SUPPORT_FILES = frozenset({
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "merges.txt",
-    "preprocessor_config.json",
-    "processor_config.json",
-    "video_preprocessor_config.json",
-})
-SUPPORT_GLOBS = ("vocab.*", "chat_template.*", "*.tiktoken")
-# transformers >= 4.54 keeps extra named chat templates in this folder.
-SUPPORT_FOLDERS = ("additional_chat_templates/",)
 
 # Weight formats fusion cannot read, named in the "no weights" error so the user sees why.
 _OTHER_WEIGHTS = (".gguf", ".h5", ".msgpack", ".onnx", ".pth", ".pt", ".ckpt", ".ot", ".safetensors")
@@ -84,7 +63,7 @@ def _error(message: str) -> fusion.FusionError:
 @fusion.hookimpl(trylast=True)
 def resolve_model(reference: str, options: fusion.ResolveOptions) -> str | None:
     """Download (or find in the cache) the Hub model ``reference`` and return its snapshot folder."""
-    if not looks_like_hub_name(reference):
+    if not fusion.looks_like_hub_name(reference):
         return None
     repo_id, _, revision = reference.partition("@")
     if not _valid_repo_id(repo_id):
@@ -123,12 +102,7 @@ def select_files(files: Iterable[str], read_json: Callable[[str], Any]) -> tuple
     files = list(files)
     top = {f for f in files if "/" not in f}
     weights = _weight_files(top, set(files), read_json)
-    support = sorted(
-        f for f in files
-        if f in SUPPORT_FILES
-        or ("/" not in f and any(fnmatch.fnmatchcase(f, g) for g in SUPPORT_GLOBS))
-        or f.startswith(SUPPORT_FOLDERS)
-    )
+    support = sorted(f for f in files if is_support_file(f))
     return weights, support
 
 

@@ -17,13 +17,26 @@ from typing import Any
 
 import pluggy
 
-from . import hookspecs
-from .architecture import ArchitectureSpec
-from .errors import ConfigError, FusionError
-from .fuse.api import Alignment, FusionFunction
-from .strategy import Strategy
+from .api import hookspecs
+from .api.architecture import ArchitectureSpec
+from .api.errors import ConfigError, FusionError
+from .api.vocab import Alignment, FusionFunction
+from .api.strategy import Strategy
 
 ENTRY_POINT_GROUP = "fusion"
+#: The built-in plugins, loaded first and in this order.
+BUILTINS = (
+    "fusion.plugins.local",
+    "fusion.plugins.hub",
+    "fusion.plugins.architectures",
+    "fusion.plugins.linear",
+    "fusion.plugins.task_arithmetic",
+    "fusion.plugins.ties",
+    "fusion.plugins.sce",
+    "fusion.plugins.varm",
+    "fusion.plugins.alignments",
+    "fusion.plugins.fusion_functions",
+)
 
 
 @dataclass
@@ -141,7 +154,6 @@ _local_plugins: list[str] = []
 
 def _load_builtins(host: _Host) -> None:
     from . import __version__
-    from .default_plugins import BUILTINS
 
     for modname in BUILTINS:
         info = PluginInfo(name=modname.rsplit(".", 1)[-1], distribution="fusion", version=__version__)

@@ -1,6 +1,6 @@
 """Exact top-k selection, shared by the built-in strategies and open to third-party plugins.
 
-DESIGN.md's rule: "top-k by key" keeps exactly k positions with the largest key, and ties at the
+docs/strategies.md's rule: "top-k by key" keeps exactly k positions with the largest key, and ties at the
 k-th key go to the lower flat (row-major) index; k = floor(x·n). Every kernel must reproduce
 these masks bit for bit, so the rule lives in one place.
 

@@ -1098,7 +1098,7 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "fusion._kernels",
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "fusion.api._kernels",
                                     "Compiled merge kernels (see fusion.kernels).", -1, methods,
                                     NULL, NULL, NULL, NULL};
 

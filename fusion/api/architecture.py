@@ -5,7 +5,7 @@ A spec recognises a checkpoint from its config.json (``architectures`` first, th
 tensor name with two placeholders: ``{layer}`` (a layer index) and ``{*}`` (the rest of the
 name). Tensors of different models line up when their canonical names are equal, which is what
 lets a vision-language model's language backbone merge with a text model of its family.
-Built-in specs are data files in ``fusion/registry/``; an exotic architecture subclasses
+Built-in specs are data files in ``registry/``; an exotic architecture subclasses
 :class:`ArchitectureSpec` in a plugin.
 """
 
@@ -195,7 +195,7 @@ class ExactNames(ArchitectureSpec):
 
 
 def load_architecture_file(path: str | Path) -> ArchitectureSpec:
-    """Read a declarative architecture spec (YAML) such as those in ``fusion/registry/``."""
+    """Read a declarative architecture spec (YAML) such as those in ``registry/``."""
     import yaml
 
     path = Path(path)

@@ -17,7 +17,7 @@ class TaskArithmetic(fusion.Strategy):
         fusion.Param("normalize", bool, False, help="divide by Σ wᵢ (left out when |Σ wᵢ| < 1e-8)"),
     )
 
-    def merge(self, base, tensors, params):
+    def merge(self, base, tensors, params, context):
         weights = params["weight"]
         delta = tensors[0].sub_(base).mul_(weights[0])  # the inputs are the host's copies
         for w, t in zip(weights[1:], tensors[1:]):
@@ -26,8 +26,8 @@ class TaskArithmetic(fusion.Strategy):
             delta.div_(sum(weights))
         return base.add_(delta, alpha=params["lambda"])
 
-    def merge_compiled(self, out, base, tensors, params, *, threads, release):
-        from fusion import kernels
+    def merge_compiled(self, out, base, tensors, params, context, *, threads, release):
+        from fusion.api import kernels
 
         weights = params["weight"]
         return kernels.task_arithmetic(

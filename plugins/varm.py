@@ -35,11 +35,12 @@ class Varm(fusion.Strategy):
         base: "torch.Tensor | None",
         tensors: "Sequence[torch.Tensor]",
         params: Mapping[str, Any],
+        context: fusion.TensorContext,
     ) -> "torch.Tensor":
         deltas = [t - base for t in tensors]
         variations = [_mean_square(d) for d in deltas]
         total = sum(variations)
-        if total == 0:  # every δᵢ is 0, so any weights give Δ = 0; uniform, as DESIGN.md says
+        if total == 0:  # every δᵢ is 0, so any weights give Δ = 0; uniform, as docs/strategies.md says
             weights = [1.0 / len(deltas)] * len(deltas)
         else:
             weights = [v / total for v in variations]

@@ -10,27 +10,20 @@ from __future__ import annotations
 import json
 import math
 import queue
-import shutil
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from .checkpoint import DTYPES, Checkpoint
-from .errors import FusionError, MergeError
+from .api.dtypes import DTYPES
+from .checkpoint import Checkpoint
+from .api.errors import FusionError, MergeError
 from .plan import Plan, TensorPlan
-from .strategy import Strategy
-from .writer import ShardedWriter, atomic_folder
+from .api.strategy import Strategy
+from .writer import ShardedWriter, atomic_folder, copy_support_files
 
-#: Files copied from the layout model besides the weights (when present).
-SIDE_FILES = (
-    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
-    "chat_template.jinja", "chat_template.json", "preprocessor_config.json", "processor_config.json",
-    "video_preprocessor_config.json",
-)
 KERNELS = ("auto", "c", "torch")
 
 
@@ -62,7 +55,7 @@ def select_kernel(plan: Plan, kernel: str) -> str:
     ``auto`` takes C when the extension is built and the strategy has a compiled path; ``c``
     insists on it and says why it cannot be had.
     """
-    from . import kernels
+    from .api import kernels
 
     if kernel not in KERNELS:
         raise FusionError(f"--kernel {kernel!r} is unknown; use one of {', '.join(KERNELS)}")
@@ -106,28 +99,29 @@ def _merge_one_c(tp: TensorPlan, strategy: Strategy, layout: Checkpoint, threads
     """Merge with the strategy's compiled path, from the memory-mapped inputs as stored into an
     output buffer (no float32 copies, no torch); the tensor's bytes, or None where the kernels
     cannot take it (a dtype they do not read, a pytorch_model.bin input)."""
-    from . import kernels
+    from .api import kernels
 
     sources = [(model.checkpoint, info) for model, info in tp.merge_sources]
-    if not kernels.supports(DTYPES[tp.dtype][0]) or any(
-            ckpt.format != "safetensors" or not kernels.supports(DTYPES[info.dtype][0])
+    if not kernels.supports(DTYPES[tp.dtype].name) or any(
+            ckpt.format != "safetensors" or not kernels.supports(DTYPES[info.dtype].name)
             for ckpt, info in sources) or (tp.rows is not None and layout.format != "safetensors"):
         return None
     rows = tp.rows if tp.rows is not None else (tp.shape[0] if tp.shape else 1)
     n = rows * math.prod(tp.shape[1:])  # the merged rows are a prefix of every input
     inputs = [ckpt.buffer(info.name, n) for ckpt, info in sources]
     full = kernels.empty(tp.nbytes)
-    out = kernels.from_bytes(full, DTYPES[tp.dtype][0], n)
+    out = kernels.from_bytes(full, DTYPES[tp.dtype].name, n)
     # the inputs are read-only file maps: their pages may be dropped as they are read
     release = n * 2 >= RELEASE_BYTES
     base, inputs = (inputs[0], inputs[1:]) if tp.base else (None, inputs)
     try:
-        bad = strategy.merge_compiled(out, base, inputs, tp.params, threads=threads, release=release)
+        bad = strategy.merge_compiled(out, base, inputs, tp.params, tp.context, threads=threads,
+                                     release=release)
     except FusionError as exc:
         raise MergeError(f"tensor {tp.name}: {exc}") from None
     if bad:
         raise _non_finite(tp, bad)
-    merged = n * DTYPES[tp.dtype][1]
+    merged = n * DTYPES[tp.dtype].size
     if merged < tp.nbytes:  # rows only the layout model has
         full[merged:] = layout.raw(tp.name)[merged:]
     return full
@@ -138,14 +132,16 @@ def _merge_one(tp: TensorPlan, fn: Callable, elementwise: bool, layout: Checkpoi
 
     rows = tp.rows if tp.rows is not None else (tp.shape[0] if tp.shape else 0)
     views = [model.checkpoint.read(info.name) for model, info in tp.merge_sources]
-    full = torch.empty(tp.shape, dtype=getattr(torch, DTYPES[tp.dtype][0]))
+    full = torch.empty(tp.shape, dtype=getattr(torch, DTYPES[tp.dtype].name))
     out = full[:rows] if tp.rows is not None else full  # merged rows; the rest are carried below
     for sl in _row_chunks(tp.shape, rows, elementwise):
         # fresh float32 copies: inputs are read-only maps and strategies may work in place
         chunk = [v[sl].to(torch.float32, copy=True) for v in views]
         base, inputs = (chunk[0], chunk[1:]) if tp.base else (None, chunk)
         try:
-            result = fn(base, inputs, tp.params)
+            context = tp.context if sl is ... or sl.start == 0 else \
+                replace(tp.context, start=sl.start * math.prod(tp.shape[1:]))
+            result = fn(base, inputs, tp.params, context)
         except FusionError as exc:
             raise MergeError(f"tensor {tp.name}: {exc}") from None
         target = out[sl]
@@ -220,7 +216,7 @@ def execute(plan: Plan, folder: Path, *, shard_size: int, kernel: str = "auto",
     """Write the plan's tensors into ``folder`` (an empty, temporary folder)."""
     from tqdm import tqdm
 
-    from .kernels import default_threads
+    from .api.kernels import default_threads
 
     kernel_name = select_kernel(plan, kernel)
     if kernel_name == "torch":
@@ -290,14 +286,12 @@ def write_side_files(plan: Plan, folder: Path) -> None:
     source = plan.layout.folder
     config = dict(plan.layout.checkpoint.config)
     if plan.config.out_dtype:
-        name = DTYPES[plan.config.out_dtype][0]
+        name = DTYPES[plan.config.out_dtype].name
         # transformers 5 writes "dtype", older versions "torch_dtype": update what is there
         for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]:
             config[key] = name
     (folder / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-    for name in SIDE_FILES:
-        if (source / name).is_file():
-            shutil.copyfile(source / name, folder / name)
+    copy_support_files(source, folder)
 
 
 def provenance(plan: Plan) -> dict[str, Any]:

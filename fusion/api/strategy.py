@@ -1,0 +1,139 @@
+"""The strategy contract: what a merge strategy declares and what the host promises it.
+
+A strategy merges one tensor at a time. The host resolves every declared parameter for that
+tensor (per-layer gradients and name filters already applied), validates it against the
+declaration, and calls :meth:`Strategy.merge` with float32 tensors and a :class:`TensorContext`
+that says which tensor it is. Per-model parameters arrive as lists in model order; global ones
+as scalars.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+from .architecture import part_of
+from .params import Param
+
+if TYPE_CHECKING:  # torch stays out of `fusion --help` and `fusion plugins`
+    import torch
+
+    from . import kernels
+
+
+@dataclass(frozen=True)
+class TensorContext:
+    """The tensor being merged, as the plan knows it.
+
+    ``name`` is the output tensor's name and ``canonical`` its layout-independent name (equal
+    across the models); ``role`` is one of :data:`fusion.api.architecture.ROLES`; ``layer`` its
+    layer index (None outside the layers) among ``num_layers``; ``shape`` the shape of the
+    tensors handed to the strategy (the rows all models share, for embeddings of different
+    vocabulary sizes). ``seed`` is this tensor's own 64-bit seed, derived from the merge's
+    ``random_seed`` and the tensor's name, so a seeded strategy draws the same numbers whatever
+    order or thread the tensors are merged in. ``start`` is the flat index of the first element
+    handed over: 0, except for elementwise strategies, which the host may call on consecutive
+    row chunks. ``models`` names the merged models in the order of ``tensors``.
+    """
+
+    name: str
+    canonical: str = ""
+    role: str = "other"
+    layer: int | None = None
+    num_layers: int = 1
+    shape: tuple[int, ...] = ()
+    seed: int = 0
+    start: int = 0
+    models: tuple[str, ...] = ()
+
+    @property
+    def part(self) -> str:
+        """``language_model``, ``vision_tower``, ``projector`` or ``other``."""
+        return part_of(self.role)
+
+
+class Strategy:
+    """Base class of tensor merge strategies.
+
+    Subclasses set the class attributes and implement :meth:`merge` as the plain torch
+    reference: it is the executable form of the strategy's documented semantics and the oracle
+    that every faster kernel is tested against.
+    """
+
+    #: Name used as ``merge_method`` in configs.
+    name: str = ""
+    #: One line for ``fusion plugins`` and the model card.
+    description: str = ""
+    #: Link to the paper that defines the method (shown in ``fusion plugins`` and model cards).
+    paper: str | None = None
+    #: Declared parameters; anything else in a config is an error.
+    parameters: Sequence[Param] = ()
+    #: "required": needs ``base_model``; "optional": uses it when given; "unused": ignores it.
+    base: str = "required"
+    #: How many models (besides the base) the strategy merges; ``fusion plan`` refuses others.
+    min_models: int = 1
+    max_models: int | None = None
+    #: True when each output element depends only on the inputs at the same position; the host
+    #: then merges large tensors in row chunks, so memory does not grow with tensor size.
+    elementwise: bool = False
+
+    def merge(
+        self,
+        base: "torch.Tensor | None",
+        tensors: "Sequence[torch.Tensor]",
+        params: Mapping[str, Any],
+        context: TensorContext,
+    ) -> "torch.Tensor":
+        """Merge one tensor: ``base`` (θ₀, or None) and the models' tensors (θ₁..θₙ), all float32
+        and of one shape, into a float32 tensor of that shape."""
+        raise NotImplementedError
+
+    def merge_compiled(
+        self,
+        out: "kernels.Buffer",
+        base: "kernels.Buffer | None",
+        tensors: "Sequence[kernels.Buffer]",
+        params: Mapping[str, Any],
+        context: TensorContext,
+        *,
+        threads: int,
+        release: bool,
+    ) -> int:
+        """Optional compiled path, used under ``--kernel c`` (and ``auto`` when the C kernels are
+        built): merge the inputs as stored (flat :class:`fusion.api.kernels.Buffer` runs of bfloat16,
+        float16 or float32; read-only) straight into ``out``, a flat buffer of the output dtype,
+        typically with :mod:`fusion.api.kernels`. Return the number of non-finite values written.
+        ``threads`` and ``release`` are passed on to the kernels. The result must agree with
+        :meth:`merge`."""
+        raise NotImplementedError
+
+    @property
+    def compiled(self) -> bool:
+        """Whether this strategy has a compiled path (overrides :meth:`merge_compiled`)."""
+        return type(self).merge_compiled is not Strategy.merge_compiled
+
+    def param(self, name: str) -> Param | None:
+        for p in self.parameters:
+            if p.name == name:
+                return p
+        return None
+
+    def models_text(self) -> str:
+        """How many models it merges, in words (``2 or more``, ``exactly 1``)."""
+        lo, hi = self.min_models, self.max_models
+        if hi is None:
+            return f"{lo} or more"
+        return f"exactly {lo}" if lo == hi else f"{lo} to {hi}"
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "paper": self.paper,
+            "base_model": self.base,
+            "models": {"min": self.min_models, "max": self.max_models},
+            "parameters": [p.describe() for p in self.parameters],
+        }
+
+    def __repr__(self) -> str:
+        return f"<Strategy {self.name}>"
