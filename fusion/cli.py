@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .api.errors import FusionError
+from .api.errors import ConfigErrors, FusionError
 
 _debug = False
 
@@ -38,17 +38,6 @@ def cli(debug: bool, plugins: tuple[str, ...]) -> None:
         pm.add_local_plugin(spec)
 
 
-def _plan(config_path: str, offline: bool, cache_dir: str | None, weights: bool = True):
-    from .config import load_config
-    from .plan import build_plan
-    from .api.resolver import ResolveOptions
-
-    config = load_config(config_path)
-    # weights=False: Hub models not in the cache are planned from their remote headers
-    options = ResolveOptions(base_dir=config.base_dir, offline=offline, cache_dir=cache_dir, weights=weights)
-    return build_plan(config, options)
-
-
 def _hub_progress(quiet: bool) -> None:
     """Download bars only where someone watches them, like the merge's own bar."""
     if quiet or not sys.stderr.isatty():
@@ -72,29 +61,30 @@ _cache_dir = click.option("--cache-dir", type=click.Path(file_okay=False), defau
               help="Merge kernels: compiled C, the torch reference, or the best available.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads for the merge arithmetic (default: all CPUs).")
 @click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard (e.g. 5GB, 500MB).")
+@click.option("--random-seed", type=click.IntRange(0, 2**64 - 1), default=None,
+              help="Seed of strategies that draw random numbers (overrides the config's random_seed).")
 @click.option("--no-card", is_flag=True, help="Do not write a model card (README.md).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @_offline
 @_cache_dir
-def merge(config, output, dry_run, force, kernel, threads, shard_size, no_card, quiet, offline, cache_dir):
+def merge(config, output, dry_run, force, kernel, threads, shard_size, random_seed, no_card, quiet, offline,
+          cache_dir):
     """Merge the models named in CONFIG into the folder OUTPUT."""
+    from . import pipeline
+    from .stream import select_kernel
     from .writer import parse_size
 
     size = parse_size(shard_size)
     _hub_progress(quiet)
-    plan = _plan(config, offline, cache_dir, weights=not dry_run)
-    try:
+    # a dry run plans Hub models not in the cache from their remote headers: no weights
+    with pipeline.plan(config, offline=offline, cache_dir=cache_dir, weights=not dry_run,
+                       random_seed=random_seed) as plan:
         if dry_run:
-            from .plan import render
-
-            click.echo(render(plan))
+            select_kernel(plan, kernel)  # refuse what the real run would refuse
+            click.echo(plan.render())
             return
-        from .stream import run_merge
-
-        summary = run_merge(plan, Path(output), force=force, shard_size=size, kernel=kernel,
-                            threads=threads, progress=not quiet, card=not no_card)
-    finally:
-        plan.close()
+        summary = pipeline.write(plan, Path(output), force=force, shard_size=size, kernel=kernel,
+                                 threads=threads, progress=not quiet, card=not no_card)
     if not quiet:
         click.echo(summary.text())
 
@@ -142,14 +132,11 @@ def fuse(config, output, until, force, threads, quiet, offline, cache_dir):
 @_cache_dir
 def plan_cmd(config, as_json, offline, cache_dir):
     """Show, tensor by tensor, what merging CONFIG would do."""
-    from .plan import describe, render
+    from . import pipeline
 
     _hub_progress(quiet=as_json)
-    plan = _plan(config, offline, cache_dir, weights=False)
-    try:
-        click.echo(json.dumps(describe(plan), indent=2) if as_json else render(plan))
-    finally:
-        plan.close()
+    with pipeline.plan(config, offline=offline, cache_dir=cache_dir, weights=False) as plan:
+        click.echo(json.dumps(plan.describe(), indent=2) if as_json else plan.render())
 
 
 @cli.command()
@@ -160,6 +147,7 @@ def plugins(as_json):
 
     infos = pm.plugin_infos()
     strategies = pm.strategies()
+    registered = pm.host().registered("strategy")
     if as_json:
         data = [dict(i.as_dict(), strategies=[strategies[s].describe() for s in i.strategies if s in strategies])
                 for i in infos]
@@ -170,14 +158,19 @@ def plugins(as_json):
         click.echo(f"{info.name}  ({dist}, {info.origin})")
         if info.error:
             click.echo(f"  ERROR: {info.error}")
+        for name in info.shadowed:
+            click.echo(f"  replaced by a later plugin: {name}")
         if "resolve_model" in info.hooks:
             click.echo("  resolves model references")
         for name in info.strategies:
-            s = strategies.get(name)
-            if s is None:
+            if registered[name][-1][0] != info.name:  # replaced by a later plugin (said above)
                 continue
+            s = strategies[name]
             paper = f"  {s.paper}" if s.paper else ""
             click.echo(f"  strategy {s.name}: {s.description}{paper}")
+            base = {"required": "needs base_model", "optional": "base_model optional",
+                    "unused": "no base_model"}.get(s.base, s.base)
+            click.echo(f"    merges {s.models_text()} model(s); {base}" + ("; seeded" if s.random else ""))
             for p in s.parameters:
                 rng = f" in {p.range_text}" if p.range_text else ""
                 scope = "per model" if p.per_model else "global"
@@ -242,7 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     except FusionError as exc:
         if _debug:
             raise
-        click.echo(f"error: {exc}", err=True)
+        for problem in exc.errors if isinstance(exc, ConfigErrors) else [exc]:
+            click.echo(f"error: {problem}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         click.echo("interrupted; no output was written", err=True)

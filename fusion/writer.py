@@ -155,3 +155,23 @@ def copy_support_files(source: Path, folder: Path, exclude: Sequence[str] = ("co
         shutil.copyfile(source / name, folder / name)
         copied.append(name)
     return copied
+
+
+def write_config(folder: Path, config: dict, dtype: str | None = None) -> None:
+    """``config.json``, with its dtype entry set to ``dtype`` (a torch dtype name) when given."""
+    config = dict(config)
+    if dtype:
+        # transformers 5 writes "dtype", older versions "torch_dtype": update what is there
+        for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]:
+            config[key] = dtype
+    (folder / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+def check_output(output: Path, inputs: Sequence[tuple[str, Path]]) -> None:
+    """Never write into, or replace, an input model's folder (``inputs``: label and folder)."""
+    out = Path(output).absolute().resolve()
+    for label, folder in inputs:
+        folder = Path(folder).resolve()
+        if out == folder or folder in out.parents or out in folder.parents:
+            raise FusionError(f"output folder {output} overlaps the input model {label}; "
+                              f"inputs are never modified: choose another -o")

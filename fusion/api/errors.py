@@ -28,3 +28,13 @@ class CheckpointError(FusionError):
 
 class MergeError(FusionError):
     """A problem found while planning or running a merge (shapes, missing tensors, non-finite)."""
+
+
+class ConfigErrors(ConfigError):
+    """Every problem found in one config, reported together (one line each)."""
+
+    def __init__(self, errors: "list[ConfigError]"):
+        self.errors = list(errors)
+        first = self.errors[0]
+        self.path, self.line = first.path, first.line
+        FusionError.__init__(self, "\n".join(str(e) for e in self.errors))
