@@ -99,7 +99,7 @@ def merge(config, output, dry_run, force, kernel, threads, shard_size, random_se
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads per process for scoring and training.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Processes for alignment outside torchrun (default: one per CPU, at most one per chunk).")
+              help="Processes for alignment outside torchrun (default: one per CPU from 200k positions on).")
 @click.option("--estimate", is_flag=True,
               help="Print disk and per-GPU memory for this config and stop (reads headers only).")
 @click.option("--world-size", type=click.IntRange(min=1), default=None,

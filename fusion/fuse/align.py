@@ -161,16 +161,21 @@ def one_to_one(path: Sequence[tuple[int, int]]) -> dict[int, int]:
     return {i: j for i, j in path if count_a[i] == 1 and count_b[j] == 1}
 
 
-def carried(pivot_offsets: np.ndarray, source_offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For every pivot position: the source position whose prediction it takes (-1: none) and
-    EXACT / MAPPED / FALLBACK. EXACT: the next tokens cover the same characters on both sides
-    too; MAPPED: they differ (one side's next token is longer: its distribution goes through the
-    vocabulary map onto what the pivot writes next)."""
+def carried(pivot_offsets: np.ndarray, source_offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For every pivot position: the source position whose prediction it takes (-1: none),
+    EXACT / MAPPED / FALLBACK, and whether the source's next token is shorter than the pivot's.
+
+    EXACT: the next tokens cover the same characters too. MAPPED: they differ; the source's
+    distribution goes through the vocabulary map onto what the pivot writes next. ``finer``:
+    the source's next token is only a piece of the pivot's (its prediction names a prefix of
+    what the pivot writes; see ``alignment.carry``).
+    """
     n, m = len(pivot_offsets), len(source_offsets)
     rows = np.full(n, -1, dtype=np.int64)
     status = np.full(n, FALLBACK, dtype=np.uint8)
+    finer = np.zeros(n, dtype=bool)
     if n == 0 or m == 0:
-        return rows, status
+        return rows, status, finer
     pe, se = pivot_offsets[:, 1], source_offsets[:, 1]
     j = np.searchsorted(np.maximum.accumulate(se), pe, side="right") - 1
     jc = np.clip(j, 0, m - 1)
@@ -180,9 +185,11 @@ def carried(pivot_offsets: np.ndarray, source_offsets: np.ndarray) -> tuple[np.n
     rows[ok] = j[ok]
     nxt_p = np.minimum(np.arange(n) + 1, n - 1)
     nxt_s = np.minimum(jc + 1, m - 1)
-    same = (np.arange(n) + 1 < n) & (jc + 1 < m) & (pivot_offsets[nxt_p] == source_offsets[nxt_s]).all(axis=1)
+    both = (np.arange(n) + 1 < n) & (jc + 1 < m)
+    same = both & (pivot_offsets[nxt_p] == source_offsets[nxt_s]).all(axis=1)
     status[ok] = np.where(same[ok], EXACT, MAPPED)
-    return rows, status
+    finer[ok] = (both & (source_offsets[nxt_s, 1] < pivot_offsets[nxt_p, 1]))[ok]
+    return rows, status, finer
 
 
 class VocabMap:

@@ -54,6 +54,7 @@ class FuseConfig:
     representations: RepresentationSettings = field(default_factory=RepresentationSettings)
     alignment: str = "statistics"
     fallback: str = "gold"  # what an unaligned position learns from: "gold" (FuseChat) or "pivot"
+    carry: str = "coarser"  # where the next tokens differ: only a coarser source's prediction, or "all"
     fusion_function: str = "min_ce"
     training: Training = field(default_factory=Training)
     merge_method: str = "sce"
@@ -201,10 +202,14 @@ def _from_document(doc: Document) -> FuseConfig:
         "max_length": lambda v, p: integer(v, p, minimum=2, maximum=1 << 20),
     })
 
-    # alignment: a name, or {method: name, fallback: pivot|gold}
-    alignment, fallback = data.get("alignment", "statistics"), "gold"
+    # alignment: a name, or {method: name, fallback: gold|pivot, carry: coarser|all}
+    alignment, fallback, carry = data.get("alignment", "statistics"), "gold", "coarser"
     if isinstance(alignment, Mapping):
-        problems.known_keys(alignment, ("method", "fallback"), "alignment", "alignment has")
+        problems.known_keys(alignment, ("method", "fallback", "carry"), "alignment", "alignment has")
+        carry = alignment.get("carry", "coarser")
+        if carry not in ("coarser", "all"):
+            problems.add("alignment.carry", f"carry {carry!r} is unknown; use coarser (a source prediction only "
+                                            f"where its next token covers the pivot's) or all (FuseChat's)")
         fallback = alignment.get("fallback", "gold")
         if fallback not in ("pivot", "gold"):
             problems.add("alignment.fallback", f"fallback {fallback!r} is unknown; use gold (the one-hot gold "
@@ -251,7 +256,7 @@ def _from_document(doc: Document) -> FuseConfig:
     problems.done()
     return FuseConfig(
         pivot=pivot, sources=sources, data=train_file, eval_data=eval_file, eval_fraction=eval_fraction,
-        representations=reps, alignment=alignment, fallback=fallback, fusion_function=function,
+        representations=reps, alignment=alignment, fallback=fallback, carry=carry, fusion_function=function,
         training=training, merge_method=method, merge_parameters=dict(params), source=doc.source,
         text=doc.text, base_dir=doc.base_dir,
     )

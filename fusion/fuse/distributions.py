@@ -69,13 +69,14 @@ def positions(pivot: Representations, source: Representations, pivot_tokens: Seq
     the source ids any carried row holds, and (``pairs``) the aligned token pairs with counts."""
     rows = np.full(len(pivot.input_ids), -1, dtype=np.int64)
     status = np.full(len(pivot.input_ids), FALLBACK, dtype=np.uint8)
+    finer = np.zeros(len(pivot.input_ids), dtype=bool)
     every: Counter = Counter()
     single: Counter = Counter()
     for i in range(len(pivot)):
         ps, ss = pivot.span(i), source.span(i)
-        r, st = carried(pivot.offsets[ps], source.offsets[ss])
+        r, st, fi = carried(pivot.offsets[ps], source.offsets[ss])
         rows[ps] = np.where(r >= 0, r + ss.start, -1)
-        status[ps] = st
+        status[ps], finer[ps] = st, fi
         if not pairs:
             continue
         p_ids, s_ids = pivot.input_ids[ps], source.input_ids[ss]
@@ -85,7 +86,8 @@ def positions(pivot: Representations, source: Representations, pivot_tokens: Seq
         every.update((int(s_ids[j]), int(p_ids[t])) for t, j in path)
         single.update((int(s_ids[j]), int(p_ids[t])) for t, j in one_to_one(path).items())
     used = source.topk_ids[rows[rows >= 0]]
-    out = {"rows": rows.astype(np.int32), "status": status, "needed": np.unique(used).astype(np.int32)}
+    out = {"rows": rows.astype(np.int32), "status": status, "finer": finer.astype(np.uint8),
+           "needed": np.unique(used).astype(np.int32)}
     for name, counts in (("pairs", every), ("one_to_one", single)):
         keys = np.array(list(counts.keys()), dtype=np.int64).reshape(-1, 2)
         out[name] = np.concatenate([keys, np.array(list(counts.values()), dtype=np.int64)[:, None]], axis=1)
@@ -104,15 +106,25 @@ def vocabulary(alignment: Alignment, context: VocabContext, needed: np.ndarray, 
 
 
 def apply_map(pivot: Representations, source: Representations, rows: np.ndarray, status: np.ndarray,
-              table: np.ndarray, how: np.ndarray, fallback: str = "gold") -> Aligned:
+              table: np.ndarray, how: np.ndarray, fallback: str = "gold", finer: np.ndarray | None = None,
+              carry: str = "coarser") -> Aligned:
     """Pass 2 over a chunk: the carried source top-k mapped onto the pivot vocabulary (each
-    pivot token once, at its highest logit), and the fallback where nothing is carried."""
+    pivot token once, at its highest logit), and the fallback where nothing is carried.
+
+    ``carry``: ``coarser`` leaves out the positions where the source's next token is only a
+    piece of the pivot's (``finer``): there the source names a prefix of what the pivot writes,
+    and the same-string map would teach the pivot a token it never writes there. ``all``
+    carries them too, as FuseChat's code does."""
     k, ks = pivot.topk_ids.shape[1], source.topk_ids.shape[1]
     T = len(pivot.input_ids)
     width = max(k, ks)
     ids = np.full((T, width), -1, dtype=np.int64)
     logits = np.zeros((T, width), dtype=np.float32)
     status = np.array(status, dtype=np.uint8)
+    rows = np.array(rows, dtype=np.int64)
+    if carry == "coarser" and finer is not None:
+        drop = np.asarray(finer, dtype=bool) & (rows >= 0)
+        rows[drop], status[drop] = -1, FALLBACK
     counted = target_mask(pivot)
     sel = np.flatnonzero(rows >= 0)
     src = source.topk_ids[rows[sel]].astype(np.int64)
@@ -144,13 +156,13 @@ def apply_map(pivot: Representations, source: Representations, rows: np.ndarray,
 
 def align(pivot: Representations, source: Representations, pivot_tokens: Sequence[str],
           source_tokens: Sequence[str], alignment: Alignment, fallback: str = "gold",
-          counterparts: dict[int, int] | None = None) -> Aligned:
+          counterparts: dict[int, int] | None = None, carry: str = "coarser") -> Aligned:
     """Both passes over data held in memory (one chunk, or a hand-made case)."""
     first = positions(pivot, source, pivot_tokens, source_tokens, pairs=alignment.uses_pairs)
     context = VocabContext(pivot_tokens, source_tokens, pivot_index(pivot_tokens), counter(first["pairs"]),
                            counter(first["one_to_one"]), dict(counterparts or {}))
     table, how = vocabulary(alignment, context, first["needed"], len(source_tokens))
-    aligned = apply_map(pivot, source, first["rows"], first["status"], table, how, fallback)
+    aligned = apply_map(pivot, source, first["rows"], first["status"], table, how, fallback, first["finer"], carry)
     aligned.coverage["vocabulary_pairs"] = len(first["pairs"])
     return aligned
 

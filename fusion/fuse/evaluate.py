@@ -4,7 +4,7 @@ tokens of held-out data, with the output layer applied a bounded number of posit
 from __future__ import annotations
 
 from .data import Example, encode
-from .represent import HEAD_CHUNK, body, logits_of
+from .represent import HEAD_CHUNK, body, input_device, logits_of
 
 
 def heldout_loss(model, tokenizer, examples: list[Example], max_length: int, batch_size: int) -> float | None:
@@ -14,7 +14,7 @@ def heldout_loss(model, tokenizer, examples: list[Example], max_length: int, bat
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     encoded = [encode(tokenizer, e, max_length) for e in examples]
     decoder = body(model)
-    first = next(decoder.parameters()).device
+    first = input_device(model)
     total, count = 0.0, 0
     model.eval()
     with torch.no_grad():

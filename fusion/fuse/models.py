@@ -103,14 +103,18 @@ def weight_info(folder: Path) -> WeightInfo:
 
 
 def load_model(folder: Path, label: str, dtype: str = "float32", device: str = "cpu", *,
-               device_map: str | dict | None = None, max_memory: dict | None = None):
-    """The model in ``dtype``, loaded onto ``device`` (or spread by ``device_map``)."""
+               device_map: str | dict | None = None, max_memory: dict | None = None,
+               offload_folder: str | None = None):
+    """The model in ``dtype``, loaded onto ``device`` (or spread by ``device_map`` within
+    ``max_memory``; weights that fit nowhere else go to ``offload_folder``)."""
     import torch
 
     tf = transformers()
     kwargs: dict = {"dtype": getattr(torch, dtype), "device_map": device_map or {"": device}}
     if max_memory:
         kwargs["max_memory"] = max_memory
+    if offload_folder:
+        kwargs["offload_folder"] = offload_folder
     try:
         model = tf.AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=False, **kwargs)
     except ImportError as exc:

@@ -185,7 +185,7 @@ def _open(config: FuseConfig, output: Path, force: bool, options: ResolveOptions
         "pivot": {"reference": pivot.reference, "path": str(pivot.folder), "name": pivot.name},
         "sources": [{"reference": s.reference, "path": str(s.folder), "name": s.name} for s in sources],
         "data": {"file": str(config.data), "train": len(train_set), "heldout": len(heldout)},
-        "alignment_method": config.alignment, "fallback": config.fallback,
+        "alignment_method": config.alignment, "fallback": config.fallback, "carry": config.carry,
         "fusion_function": config.fusion_function, "training_config": asdict(config.training),
         "merge": {"method": config.merge_method, "parameters": config.merge_parameters},
         "processes": size, "device": run.device, "stages": {}, "notes": [], "output": str(output),

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 _PROBE_USER, _PROBE_REPLY = "fusionprobeuser", "fusionprobereply"
-_markers: "weakref.WeakKeyDictionary[Any, Markers]" = weakref.WeakKeyDictionary()
+_markers: "weakref.WeakKeyDictionary[Any, tuple[Any, Markers]]" = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -49,9 +49,12 @@ def special_tokens(tokenizer) -> list[str]:
 
 
 def markers(tokenizer) -> Markers:
-    """The tokenizer's BOS, EOS and end-of-turn marker (computed once per tokenizer)."""
+    """The tokenizer's BOS, EOS and end-of-turn marker (computed once per tokenizer and template)."""
+    template = getattr(tokenizer, "chat_template", None)
     try:
-        return _markers[tokenizer]
+        seen, found = _markers[tokenizer]
+        if seen == template:
+            return found
     except (KeyError, TypeError):
         pass
     specials = special_tokens(tokenizer)
@@ -73,7 +76,7 @@ def markers(tokenizer) -> Markers:
         end_id = tokenizer.convert_tokens_to_ids(end)
     found = Markers(bos, bos_id, eos, eos_id, end, end_id, bos_in_text, bos_in_chat, tuple(specials))
     try:
-        _markers[tokenizer] = found
+        _markers[tokenizer] = (template, found)
     except TypeError:
         pass
     return found
@@ -130,34 +133,44 @@ def source_reading(tokenizer, pivot_tokenizer) -> Reading:
 def read(reading: Reading, text: str, spans: list[tuple[int, int]], chat: bool, max_length: int):
     """Token ids, whether each is a response token, and each token's [start, end) characters in
     the pivot text ``text`` (a substituted marker covers the pivot marker's characters; the
-    model's own BOS covers none)."""
+    model's own BOS covers the pivot's, or none).
+
+    In a conversation the model's BOS is written as text in front, as its own chat template
+    writes it; in plain text it is put in front as an id, as its tokenizer does. Either way the
+    rest is tokenized exactly as the model's own template path would tokenize it.
+    """
     start = len(reading.pivot_bos) if reading.pivot_bos and text.startswith(reading.pivot_bos) else 0
-    own_bos = reading.uses_bos(chat) if reading.markers is not None else False
-    if start == 0 and not reading.replace:
+    bos = reading.markers.bos if reading.uses_bos(chat) else None
+    as_text = bool(bos) and chat
+    if start == 0 and not reading.replace and not as_text:
         mine, segments = text, None
     else:
-        mine, segments = _substitute(text, start, reading.replace)
-    limit = max(1, max_length - (1 if own_bos else 0))
+        mine, segments = _substitute(text, start, reading.replace, bos if as_text else "")
+    as_id = bos is not None and not as_text
+    limit = max(1, max_length - (1 if as_id else 0))
     enc = reading.tokenizer(mine, add_special_tokens=False, return_offsets_mapping=True, truncation=True,
                             max_length=limit)
     ids = np.asarray(enc["input_ids"], dtype=np.int64)
     offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
     if segments is not None:
         offsets = _to_pivot(offsets, segments)
-    if own_bos:
+    if as_id:
         ids = np.concatenate([[reading.markers.bos_id], ids]).astype(np.int64)
-        offsets = np.vstack([[[0, 0]], offsets]).astype(np.int64)
+        offsets = np.vstack([[[0, start]], offsets]).astype(np.int64)
     response = np.zeros(len(ids), dtype=bool)
     for a, b in spans:
         response |= (offsets[:, 1] > offsets[:, 0]) & (offsets[:, 0] >= a) & (offsets[:, 0] < b)
     return ids, response, offsets
 
 
-def _substitute(text: str, start: int, replace: dict[str, str]):
-    """``text[start:]`` with every ``replace`` key swapped for its value, and the segments
-    (new_start, new_end, old_start, old_end, copied) that map the new text back."""
-    pieces, segments = [], []
-    pos, new = start, 0
+def _substitute(text: str, start: int, replace: dict[str, str], prefix: str = ""):
+    """``prefix`` + ``text[start:]`` with every ``replace`` key swapped for its value, and the
+    segments (new_start, new_end, old_start, old_end, copied) that map the new text back (the
+    prefix stands for ``text[:start]``)."""
+    pieces, segments = [prefix], []
+    if prefix:
+        segments.append((0, len(prefix), 0, start, False))
+    pos, new = start, len(prefix)
     matches = re.finditer("|".join(map(re.escape, sorted(replace, key=len, reverse=True))), text) if replace else ()
     for m in matches:
         if m.start() < start:

@@ -77,7 +77,9 @@ def logits_of(model, hidden):
     import torch
 
     head = model.get_output_embeddings()
-    logits = head(hidden.to(head.weight.device))
+    if head.weight.device.type != "meta":  # offloaded by accelerate: its hook brings both together
+        hidden = hidden.to(head.weight.device)
+    logits = head(hidden)
     cfg = model.config
     if getattr(cfg, "logit_scale", None):  # Cohere
         logits = logits * cfg.logit_scale
@@ -95,6 +97,17 @@ def body(model):
     return inner if inner is not None and inner is not model else model.model
 
 
+def input_device(model):
+    """Where the input ids go: the first device of an accelerate device map, else the model's."""
+    import torch
+
+    mapping = getattr(model, "hf_device_map", None)
+    if mapping:
+        first = next(iter(mapping.values()))
+        return torch.device(f"cuda:{first}" if isinstance(first, int) else "cpu" if first == "disk" else first)
+    return next(body(model).parameters()).device
+
+
 def score(model, reading: Reading, examples: list[Example], *, top_k: int, max_length: int, batch_size: int,
           progress=None, full_forward: bool = False) -> Representations:
     """``full_forward``: take the logits from the model's own forward (for an architecture whose
@@ -110,7 +123,7 @@ def score(model, reading: Reading, examples: list[Example], *, top_k: int, max_l
     ce = np.full(n, np.nan, dtype=np.float32)
     order = sorted(range(n), key=lambda i: (-len(encoded[i][0]), i))  # like lengths together: less padding
     decoder = body(model)
-    first = next(decoder.parameters()).device
+    first = input_device(model)
     model.eval()
     with torch.no_grad():
         for b in range(0, n, batch_size):
@@ -173,7 +186,7 @@ def head_matches(model, reading: Reading, example: Example) -> bool:
     import torch
 
     ids = read(reading, example.text, example.spans, example.chat, 16)[0]
-    x = torch.from_numpy(ids)[None].to(next(body(model).parameters()).device)
+    x = torch.from_numpy(ids)[None].to(input_device(model))
     with torch.no_grad():
         full = model(input_ids=x, use_cache=False).logits.float()
         mine = logits_of(model, body(model)(input_ids=x, use_cache=False).last_hidden_state).float()

@@ -117,7 +117,7 @@ def fuse(run: "Run") -> None:
     run.report["alignment"], run.report["fusion"] = {}, {}
     pivot_tokens = surface_strings(run.pivot.tokenizer)
     layout = run.pivot.store.layout
-    workers = run.workers or min(cpus(), layout.chunks)
+    workers = run.workers or _default_workers(run, layout.chunks, cpus())
     for s in run.sources:
         run.say(f"alignment and fusion: {s.label} {s.reference}")
         with run.bar(None, f"aligning {s.name}", "chunk") as bar:
@@ -126,7 +126,7 @@ def fuse(run: "Run") -> None:
                          alignment=alignments()[c.alignment], counterparts=s.reading.counterparts,
                          function=fusion_functions()[c.fusion_function], fallback=c.fallback,
                          store_dtype=c.representations.store_dtype, rank=run.rank, size=run.size,
-                         workers=workers, progress=lambda: bar.update(1))
+                         workers=workers, carry=c.carry, progress=lambda: bar.update(1))
         s.fused_key = fused_store(run, s).key
         if info is not None:
             reused += info["reused"]
@@ -137,13 +137,27 @@ def fuse(run: "Run") -> None:
                                + (f" ({workers} worker processes)" if run.size == 1 and workers > 1 else ""))
 
 
+#: below this many pivot positions one process aligns faster than starting a pool (about 25 µs
+#: a position against a few seconds to start the workers)
+POOL_POSITIONS = 200_000
+
+
+def _default_workers(run: "Run", chunks: int, cpus: int) -> int:
+    if run.size > 1 or chunks < 2:
+        return 1
+    from .shards import Sequences
+
+    positions = int(Sequences(run.pivot.store, "pivot representations").column("lengths").sum())
+    return min(cpus, chunks) if positions >= POOL_POSITIONS else 1
+
+
 def fused_store(run: "Run", s: "Model"):
     from ..host import alignments, fusion_functions
     from .targets import stores
 
     c = run.config
     return stores(run.cache, s.name, run.pivot.store, s.store, alignments()[c.alignment], s.reading.counterparts,
-                  fusion_functions()[c.fusion_function], c.fallback, c.representations.store_dtype)[2]
+                  fusion_functions()[c.fusion_function], c.fallback, c.representations.store_dtype, c.carry)[2]
 
 
 def target_folder(run: "Run", s: "Model") -> Path:

@@ -49,7 +49,8 @@ def _second_pass(c: int, weights: np.ndarray) -> None:
     s = _state
     pivot, source = _reps(s["pivot"], c, "pivot representations"), _reps(s["source"], c, "source representations")
     first = s["align"].require(c, "alignment")
-    aligned = apply_map(pivot, source, first["rows"], first["status"], s["table"], s["how"], s["fallback"])
+    aligned = apply_map(pivot, source, first["rows"], first["status"], s["table"], s["how"], s["fallback"],
+                        first["finer"], s["carry"])
     fused = fuse(pivot, aligned, weights=weights)
     cov = aligned.coverage
     stats = np.array([cov[a][b] for a, b in STAT_NAMES], dtype=np.int64)
@@ -59,11 +60,11 @@ def _second_pass(c: int, weights: np.ndarray) -> None:
 
 def stores(cache: Path, name: str, pivot: Store, source: Store, alignment: Alignment,
            counterparts: dict[int, int], function: FusionFunction, fallback: str,
-           store_dtype: str) -> tuple[Store, Path, Store]:
+           store_dtype: str, carry: str) -> tuple[Store, Path, Store]:
     """The alignment chunks, the vocabulary map file and the fused chunks of one source."""
     first = targets_key("align", pivot.key, source.key, alignment.uses_pairs)
     vocab = targets_key("vocab", first, alignment.name, sorted(counterparts.items()))
-    fused = targets_key("fused", vocab, fallback, function.name, store_dtype)
+    fused = targets_key("fused", vocab, fallback, carry, function.name, store_dtype)
     return (Store(cache / f"align-{name}", first, pivot.layout), cache / f"vocab-{name}.safetensors",
             Store(cache / f"fused-{name}", fused, pivot.layout))
 
@@ -75,10 +76,10 @@ def _vocab_key(first: Store, alignment: Alignment, counterparts: dict[int, int])
 def build(*, cache: Path, name: str, pivot: Store, source: Store, pivot_tokens: Sequence[str],
           source_tokens: Sequence[str], alignment: Alignment, counterparts: dict[int, int],
           function: FusionFunction, fallback: str, store_dtype: str, rank: int, size: int, workers: int,
-          progress: Callable[[], None] | None = None) -> dict[str, Any] | None:
+          carry: str = "coarser", progress: Callable[[], None] | None = None) -> dict[str, Any] | None:
     """Make (or reuse) the fused targets of one source; returns the summary on process 0."""
     first, vocab_path, fused = stores(cache, name, pivot, source, alignment, counterparts, function, fallback,
-                                      store_dtype)
+                                      store_dtype, carry)
     vocab_key = _vocab_key(first, alignment, counterparts)
     info_path = cache / f"fused-{name}.json"
     if rank == 0:
@@ -90,7 +91,7 @@ def build(*, cache: Path, name: str, pivot: Store, source: Store, pivot_tokens: 
         and not fused.missing()
     state = {"pivot": pivot, "source": source, "align": first, "fused": fused, "pivot_tokens": list(pivot_tokens),
              "source_tokens": list(source_tokens), "pairs": alignment.uses_pairs, "fallback": fallback,
-             "store_dtype": store_dtype}
+             "store_dtype": store_dtype, "carry": carry}
     mine = layout.share(rank, size) if size > 1 else list(range(layout.chunks))
     vocab = load_arrays(vocab_path, vocab_key)
     todo = [c for c in mine if not first.done(c) and (vocab is None or not fused.done(c))]
