@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from . import __version__
+from .version import __version__
 from .api.errors import ConfigErrors, FusionError
 
 _debug = False

@@ -157,7 +157,7 @@ _local_plugins: list[str] = []
 
 
 def _load_builtins(host: _Host) -> None:
-    from . import __version__
+    from .version import __version__
 
     for modname in BUILTINS:
         info = PluginInfo(name=modname.rsplit(".", 1)[-1], distribution=DISTRIBUTION, version=__version__)

@@ -12,7 +12,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-from .api.architecture import TensorRole, part_of
+from .api.architecture import PART_NAMES, TensorRole, part_of
 from .api.dtypes import DTYPES, nbytes
 from .api.errors import MergeError
 from .api.random import tensor_seed
@@ -26,8 +26,6 @@ from .models import Model, ModelSet
 from .parameters import check_parameters, resolve_parameters
 
 VOCAB_ROLES = ("embedding", "lm_head")
-PART_NAMES = {"language_model": "language model", "vision_tower": "vision tower",
-              "projector": "projector", "other": "other tensors"}
 
 
 @dataclass
