@@ -174,7 +174,8 @@ def plugins(as_json):
             for p in s.parameters:
                 rng = f" in {p.range_text}" if p.range_text else ""
                 scope = "per model" if p.per_model else "global"
-                click.echo(f"    {p.name} ({p.type.__name__}, {scope}, default {p.default!r}{rng})"
+                default = "required" if p.required else f"default {p.default!r}"
+                click.echo(f"    {p.name} ({p.type.__name__}, {scope}, {default}{rng})"
                            + (f": {p.help}" if p.help else ""))
         if info.architectures:
             click.echo(f"  architectures: {', '.join(info.architectures)}")

@@ -30,6 +30,8 @@ class Param:
     exclusive_maximum: bool = False
     choices: tuple | None = None
     help: str = ""
+    #: the config must set it (for every model, if per-model): there is no sensible default
+    required: bool = False
 
     @property
     def range_text(self) -> str:
@@ -114,4 +116,5 @@ class Param:
             "scope": "per-model" if self.per_model else "global",
             "range": self.range_text,
             "help": self.help,
+            "required": self.required,
         }
