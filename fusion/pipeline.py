@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping, Union
 
 from .api.dtypes import DTYPES
+from .api.modelfiles import support_files
 from .api.resolver import ResolveOptions
 from .config import MergeConfig, load_config
 from .planner import Plan, build_plan
@@ -84,15 +85,26 @@ def write(plan: Plan, output: str | Path, *, force: bool = False, kernel: str = 
     from .card import model_card, provenance
 
     output = Path(output)
-    check_output(output, [(m.label, m.folder) for m in plan.inputs])
-    select_kernel(plan, kernel)  # fail before creating anything
-    with atomic_folder(output, force) as tmp:
+    protected = [("config file", plan.config.source)] if plan.config.source else []
+    check_output(output, [(m.label, m.folder) for m in plan.inputs], protected)
+    preflight(plan, kernel)  # fail before creating anything
+    notes: list[str] = []
+    with atomic_folder(output, force, notes) as tmp:
         summary = execute(plan, tmp, shard_size=shard_size, kernel=kernel, threads=threads, progress=progress)
         out_dtype = DTYPES[plan.config.out_dtype].name if plan.config.out_dtype else None
         write_config(tmp, plan.layout.checkpoint.config, out_dtype)
-        copy_support_files(plan.layout.folder, tmp)
+        copy_support_files(plan.layout.folder, tmp, label=plan.layout.label)
         (tmp / "fusion.json").write_text(json.dumps(provenance(plan), indent=2) + "\n")
         if card:
             (tmp / "README.md").write_text(model_card(plan, plan.resolve_options.resolved))
     summary.output = output
+    summary.notices += notes
     return summary
+
+
+def preflight(plan: Plan, kernel: str = "auto") -> None:
+    """What the real run would refuse before merging anything (``merge --dry-run`` asks too):
+    kernels that cannot be had, files of the layout model that lead outside its folder."""
+    select_kernel(plan, kernel)
+    if plan.layout.checkpoint.format != "headers":
+        support_files(plan.layout.folder, plan.layout.label)
