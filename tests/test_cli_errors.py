@@ -580,7 +580,8 @@ def test_error_after_progress_bar_is_the_last_line(family, tmp_path, outs, run):
 
 @pytest.mark.parametrize("kind, code, message", [
     ("keyboard", 130, "interrupted"),
-    ("exception", 2, "internal error: RuntimeError: boom on the fifth tensor"),
+    ("exception", 1, "error: strategy 'fails_late' of plugin fails_exception (local) raised RuntimeError "
+                     "(boom on the fifth tensor) on tensor model."),
     ("fusion_error", 1, "error: tensor "),
 ])
 def test_interrupted_run_leaves_nothing(family, tmp_path, outs, run, kind, code, message):
