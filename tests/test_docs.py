@@ -46,5 +46,5 @@ def test_readme_python_example_merges(tmp_path, monkeypatch):
     printed: list[str] = []
     exec(compile(code, "README.md", "exec"), {"print": lambda *a: printed.append(" ".join(map(str, a)))})
     assert (tmp_path / "merged" / "model.safetensors").is_file()
-    assert printed[-1].startswith(f"wrote merged: 27 tensors merged"), printed[-1]
+    assert printed[-1].startswith("wrote merged: 27 tensors merged"), printed[-1]
     assert "method      ties" in printed[0]
