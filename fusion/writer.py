@@ -49,11 +49,11 @@ def atomic_folder(target: Path, force: bool, notes: list[str] | None = None) -> 
     folders this call created; an OS error a user can fix (disk full, read-only) is one sentence.
     """
     target = Path(target).absolute()
-    _refuse_existing(target, force)
+    refuse_existing(target, force)
     created = _make_parents(target.parent)
     try:
         with _claim(target):
-            _refuse_existing(target, force)  # another run may have finished it meanwhile
+            refuse_existing(target, force)  # another run may have finished it meanwhile
             _clean_leftovers(target, notes)
             tmp = target.parent / f".{target.name}.fusion-tmp-{uuid.uuid4().hex[:8]}"
             tmp.mkdir()
@@ -67,8 +67,10 @@ def atomic_folder(target: Path, force: bool, notes: list[str] | None = None) -> 
                 old = target.parent / f".{target.name}.fusion-old-{uuid.uuid4().hex[:8]}"
                 os.rename(target, old)
             os.rename(tmp, target)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            if old is not None:  # renamed first: a half-removed folder is never taken for the old output
+                trash = old.with_name(old.name.replace(".fusion-old-", ".fusion-trash-"))
+                os.rename(old, trash)
+                shutil.rmtree(trash, ignore_errors=True)
     except BaseException as exc:
         for folder in reversed(created):
             try:
@@ -81,7 +83,9 @@ def atomic_folder(target: Path, force: bool, notes: list[str] | None = None) -> 
         raise
 
 
-def _refuse_existing(target: Path, force: bool) -> None:
+def refuse_existing(target: Path, force: bool) -> None:
+    """Refuse an output folder that exists and is not empty, unless ``force``."""
+    target = Path(target).absolute()
     if target.exists() and not (target.is_dir() and not any(target.iterdir())) and not force:
         raise FusionError(f"output folder {target} already exists and is not empty; "
                           f"choose another -o or pass --force to replace it")
@@ -150,7 +154,7 @@ def _clean_leftovers(target: Path, notes: list[str] | None) -> None:
     the claim calls this, so no live run owns them."""
     prefix = f".{target.name}.fusion-"
     leftovers = sorted(p for p in target.parent.iterdir() if p.name.startswith(prefix)
-                       and p.name[len(prefix):].startswith(("tmp-", "old-")))
+                       and p.name[len(prefix):].startswith(("tmp-", "old-", "trash-")))
     olds = [p for p in leftovers if p.name[len(prefix):].startswith("old-")]
     if olds and not target.exists():  # died between the two renames of a --force replace
         os.rename(olds[0], target)

@@ -14,25 +14,14 @@ import json
 import os
 import shutil
 import struct
-import subprocess
 import sys
 import textwrap
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from test_cli_errors import Result, assert_error, call_cli, run_subprocess
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-    @property
-    def both(self) -> str:
-        return self.out + self.err
 
 
 def digest(*roots: Path) -> dict[str, str]:
@@ -61,25 +50,13 @@ def fusion_cmd(*argv: Any) -> list[str]:
     return [sys.executable, "-m", "fusion", *map(str, argv)]
 
 
-def run_subprocess(*argv: Any, cwd: Path | None = None, timeout: float = 120) -> Result:
-    proc = subprocess.run(fusion_cmd(*argv), cwd=cwd, env=env(), capture_output=True, text=True,
-                          encoding="utf-8", timeout=timeout)
-    return Result(proc.returncode, proc.stdout, proc.stderr)
-
-
 def one_line(result: Result, *mentions: str, code: int = 1, prefix: str = "error:") -> str:
     """Exit ``code``, one line on stderr starting with ``prefix`` naming each of ``mentions``."""
-    assert result.code == code, result
-    assert "Traceback" not in result.both, result.both
-    lines = result.err.strip().splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{result.err}"
-    assert lines[0].startswith(prefix), lines[0]
-    for m in mentions:
-        assert m in lines[0], f"{m!r} not in {lines[0]!r}"
+    line = assert_error(result, *mentions, code=code, prefix=prefix)
     if os.environ.get("HOSTILE_LOG"):  # every refusal's line, to read them all at once
         with open(os.environ["HOSTILE_LOG"], "a", encoding="utf-8") as fh:
-            fh.write(f"{os.environ.get('PYTEST_CURRENT_TEST', '?').split(' ')[0]}\t{lines[0]}\n")
-    return lines[0]
+            fh.write(f"{os.environ.get('PYTEST_CURRENT_TEST', '?').split(' ')[0]}\t{line}\n")
+    return line
 
 
 # --- safetensors files, written byte by byte ---------------------------------------------------
@@ -185,7 +162,6 @@ def family(tmp_path_factory) -> Path:
 @pytest.fixture
 def scene(tmp_path, family, capsys, monkeypatch) -> Scene:
     """A fresh scene; ``scene.run(*argv)`` calls ``fusion.cli.main`` in-process from ``cwd/``."""
-    from fusion import cli
     from fusion import host as plugins
 
     monkeypatch.setattr(plugins, "_local_plugins", [])
@@ -194,16 +170,9 @@ def scene(tmp_path, family, capsys, monkeypatch) -> Scene:
     plugins.reset()
 
     def run(*argv: Any) -> Result:
-        capsys.readouterr()
-        plugins.reset()
+        plugins.reset()  # each run loads its own --plugin
         monkeypatch.setattr(plugins, "_local_plugins", [])
-        try:
-            cli.main([str(a) for a in argv])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        out, err = capsys.readouterr()
-        return Result(code, out, err)
+        return call_cli(capsys, *argv)
 
     s = Scene(tmp_path, family, run)
     monkeypatch.chdir(s.cwd)

@@ -53,22 +53,24 @@ def _fresh_plugin_state(monkeypatch):
     plugins.reset()
 
 
-@pytest.fixture
-def run(capsys):
-    """Call ``fusion.cli.main(argv)`` in-process; return its exit code and captured output."""
+def call_cli(capsys, *argv) -> Result:
+    """Call ``fusion.cli.main(argv)`` in-process; its exit code and captured output."""
     from fusion import cli
 
-    def call(*argv) -> Result:
-        capsys.readouterr()
-        try:
-            cli.main([str(a) for a in argv])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        out, err = capsys.readouterr()
-        return Result(code, out, err)
+    capsys.readouterr()
+    try:
+        cli.main([str(a) for a in argv])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    out, err = capsys.readouterr()
+    return Result(code, out, err)
 
-    return call
+
+@pytest.fixture
+def run(capsys):
+    """``run(*argv)``: :func:`call_cli` with this test's captured output."""
+    return lambda *argv: call_cli(capsys, *argv)
 
 
 def _env() -> dict[str, str]:

@@ -322,4 +322,5 @@ def test_state_dict_holding_something_else(scene):
     tensors = load_file(str(folder / "model.safetensors"))
     (folder / "model.safetensors").unlink()
     torch.save({**tensors, "step": 5}, folder / "pytorch_model.bin")
-    scene.refuses("merge", scene.ta(), "-o", scene.out, mentions=("'step' of type int", "tensors only", "save_pretrained"))
+    scene.refuses("merge", scene.ta(), "-o", scene.out,
+                  mentions=("'step' of type int", "tensors only", "save_pretrained"))

@@ -135,13 +135,14 @@ def test_shard_size_that_is_not_a_size(scene, size):
                   mentions=(f"shard size {size!r}", "5GB"))
 
 
-INT_PLUGIN = '''\
+# Two strategies of a test plugin: one with an integer parameter, one that raises on the embedding.
+PLUGIN = '''\
 import fusion
 
 
 class EveryK(fusion.Strategy):
     name = "every_k"
-    description = "Averages the models, keeping every k-th element of the first (a test plugin)."
+    description = "Averages the models; k is an integer (a test plugin)."
     base = "unused"
     parameters = (fusion.Param("k", int, 1, minimum=1),)
 
@@ -149,15 +150,27 @@ class EveryK(fusion.Strategy):
         return sum(tensors) / len(tensors)
 
 
+class Broken(EveryK):
+    name = "broken"
+    description = "Raises on the embedding (a test plugin)."
+    parameters = ()
+
+    def merge(self, base, tensors, params, context):
+        if context.role == "embedding":
+            raise ZeroDivisionError("division by zero\\nand a second line")
+        return super().merge(base, tensors, params, context)
+
+
 @fusion.hookimpl
 def register_strategies(register):
     register(EveryK())
+    register(Broken())
 '''
 
 
 def test_integer_parameter_given_as_a_gradient(scene):
     """A gradient of an integer would be cut to whole numbers between layers: refused instead."""
-    plugin = scene.plugin("every_k.py", INT_PLUGIN)
+    plugin = scene.plugin("test_plugin.py", PLUGIN)
     cfg = scene.config(models_block(scene).replace("linear", "every_k") + "parameters: {k: [1, 4]}\n")
     scene.refuses("--plugin", plugin, "merge", cfg, "-o", scene.out,
                   mentions=("parameters.k (line 5)", "integer", "cannot be a gradient"))
@@ -177,7 +190,7 @@ def test_model_path_of_an_unknown_user(scene):
 def test_output_of_an_unknown_user(scene):
     """`-o ~nosuchuser/x` used to create a folder named `~nosuchuser` in the working folder."""
     scene.refuses("merge", scene.ta(), "-o", "~nosuchuser/merged",
-                  mentions=("-o", "'~nosuchuser/merged'", "no such user"))
+                  mentions=("output folder '~nosuchuser/merged'", "no such user"))
 
 
 def test_output_in_the_home_folder_is_expanded(scene, monkeypatch):
@@ -269,36 +282,35 @@ def test_a_replace_that_died_between_its_renames_is_undone(scene):
     assert res.code == 1 and "already exists" in res.err
 
 
+def test_a_half_removed_old_output_is_not_taken_back(scene):
+    """Killed while removing the replaced output: what is left of it is removed, never restored."""
+    trash = scene.outs / ".merged.fusion-trash-0badc0de"
+    trash.mkdir()
+    (trash / "README.md").write_text("half of the previous result\n")
+    res = scene.run("merge", scene.ta(), "-o", scene.out)
+    assert res.code == 0, res
+    assert sorted(p.name for p in scene.outs.iterdir()) == ["merged"]
+    assert (scene.out / "model.safetensors").is_file()
+
+
+def test_output_below_a_file(scene):
+    (scene.outs / "notes.txt").write_text("a file, not a folder\n")
+    scene.inputs.append(scene.outs / "notes.txt")
+    res = scene.run("merge", scene.ta(), "-o", scene.outs / "notes.txt" / "merged")
+    line = res.err.strip()
+    assert res.code == 1 and "\n" not in line and "Traceback" not in res.both, res
+    assert "not a directory" in line and "check the path" in line
+    assert sorted(p.name for p in scene.outs.iterdir()) == ["notes.txt"]
+
+
 # --- plugins -------------------------------------------------------------------------------------
 
 
-RAISING_MERGE = '''\
-import fusion
-
-
-class Broken(fusion.Strategy):
-    name = "broken"
-    description = "Raises on the embedding (a test plugin)."
-    base = "unused"
-    parameters = ()
-
-    def merge(self, base, tensors, params, context):
-        if context.role == "embedding":
-            raise ZeroDivisionError("division by zero\\nand a second line")
-        return sum(tensors) / len(tensors)
-
-
-@fusion.hookimpl
-def register_strategies(register):
-    register(Broken())
-'''
-
-
 def test_exception_inside_a_plugin_merge(scene):
-    plugin = scene.plugin("broken_plugin.py", RAISING_MERGE)
+    plugin = scene.plugin("test_plugin.py", PLUGIN)
     cfg = scene.config(models_block(scene).replace("linear", "broken"))
     scene.refuses("--plugin", plugin, "merge", cfg, "-o", scene.out, "-q",
-                  mentions=("strategy 'broken' of plugin broken_plugin (local)", "ZeroDivisionError (division by zero)",
+                  mentions=("strategy 'broken' of plugin test_plugin (local)", "ZeroDivisionError (division by zero)",
                             "tensor model.embed_tokens.weight", "bug in the plugin"))
 
 
@@ -337,7 +349,7 @@ def test_plugin_option_naming_a_loaded_plugin(scene, spec):
 
 
 def test_dry_run_with_c_kernel_refuses_like_the_run(scene):
-    plugin = scene.plugin("broken_plugin.py", RAISING_MERGE)
+    plugin = scene.plugin("test_plugin.py", PLUGIN)
     cfg = scene.config(models_block(scene).replace("linear", "broken"))
     scene.refuses("--plugin", plugin, "merge", cfg, "-o", scene.out, "--dry-run", "--kernel", "c",
                   mentions=("--kernel c", "'broken'"))

@@ -22,8 +22,9 @@ pytestmark = pytest.mark.slow
 torch = pytest.importorskip("torch")
 from safetensors.torch import load_file  # noqa: E402
 
-# linear (the C kernels: no torch to import); on its third tensor it says so (a file) and waits until the test lets it go on (another
-# file), so that a test catches the merge in the middle of writing its output, every time.
+# linear (the C kernels: no torch to import); on its third tensor it says so (a file) and waits
+# until the test lets it go on (another file), so that a test catches the merge in the middle of
+# writing its output, every time.
 GATED_PLUGIN = '''\
 import os
 import time

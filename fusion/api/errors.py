@@ -47,6 +47,7 @@ _OS_HINTS = {
     "EROFS": "mount it read-write", "EACCES": "check the permissions", "EPERM": "check the permissions",
     "EFBIG": "raise the file-size limit (ulimit -f)", "EMFILE": "raise the open-file limit (ulimit -n)",
     "ENFILE": "close other programs' files", "EIO": "check the disk",
+    "ENOTDIR": "check the path (a part of it is a file)", "ENAMETOOLONG": "shorten the path",
 }
 
 

@@ -60,7 +60,8 @@ def _load(path: Path, label: str) -> dict[str, Any]:
     for name, value in loaded.items():
         if not isinstance(name, str) or not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{label}: {path} holds {name!r} of type {type(value).__name__} in its "
-                                  f"state dict, where fusion reads tensors only; save the model again with save_pretrained")
+                                  f"state dict, where fusion reads tensors only; save the model again with "
+                                  f"save_pretrained")
     return loaded
 
 

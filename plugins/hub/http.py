@@ -63,17 +63,25 @@ def max_metadata() -> int:
     return int(_number(MAX_METADATA_ENV, DEFAULT_MAX_METADATA))
 
 
-#: Requests sent and not answered yet (by id): their host and when they were sent.
+#: Requests sent and not answered (by id): their host and when they were sent; and when each
+#: host last answered anything. A host is stalled when a request to it has waited the whole
+#: timeout and the host has answered nothing since it was sent (a request that failed at once,
+#: refused or reset, is followed by answers to its retries).
 _pending: dict[int, tuple[str, float]] = {}
+_answered: dict[str, float] = {}
 _pending_lock = threading.Lock()
+
+
+def _origin(url: Any) -> str:
+    return f"{url.scheme}://{url.host}:{url.port}"
 
 
 def _bound_time(request: Any) -> None:
     limit = timeout()
-    url, now = request.url, time.monotonic()
-    origin = f"{url.scheme}://{url.host}:{url.port}"
+    origin, now = _origin(request.url), time.monotonic()
     with _pending_lock:
-        if any(o == origin and now - t >= limit for o, t in _pending.values()):
+        heard = _answered.get(origin, float("-inf"))
+        if any(o == origin and now - t >= limit and heard < t for o, t in _pending.values()):
             raise HubStalled(origin, limit)
         _pending[id(request)] = (origin, now)
     given = request.extensions.get("timeout") or {}
@@ -109,6 +117,7 @@ def _limited_stream() -> type:
 def _bound_size(response: Any) -> None:
     with _pending_lock:
         _pending.pop(id(response.request), None)
+        _answered[_origin(response.request.url)] = time.monotonic()
     headers = response.headers
     is_file = "/resolve/" in response.request.url.path or response.request.url.host != _api_host()
     length = headers.get("Content-Length")
@@ -138,6 +147,7 @@ def install() -> None:
 
     with _pending_lock:
         _pending.clear()  # a new resolution: earlier silence is forgiven
+        _answered.clear()
     session = get_session()
     hooks = session.event_hooks
     if _bound_time not in hooks.get("request", []):

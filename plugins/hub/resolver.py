@@ -26,7 +26,8 @@ class HubModel:
         self.options = options
         # Read at call time: huggingface_hub fixes these from the environment when imported.
         self.endpoint = constants.ENDPOINT
-        self.cache_dir = str(fusion.expand_user(options.cache_dir or constants.HF_HUB_CACHE, "cache folder").resolve())
+        cache_dir = fusion.expand_user(options.cache_dir or constants.HF_HUB_CACHE, "cache folder")
+        self.cache_dir = str(cache_dir.resolve())
         offline_now = getattr(constants, "is_offline_mode", None)
         self.offline = bool(options.offline) or bool(
             offline_now() if offline_now is not None else constants.HF_HUB_OFFLINE
