@@ -73,12 +73,11 @@ def merge(config, output, dry_run, force, kernel, threads, shard_size, random_se
           cache_dir):
     """Merge the models named in CONFIG into the folder OUTPUT."""
     from . import pipeline
-    from .api.resolver import expand_user
-    from .writer import parse_size, refuse_existing
+    from .writer import output_folder, parse_size, refuse_existing
 
     size = parse_size(shard_size)
     if not dry_run:  # before anything is downloaded
-        refuse_existing(expand_user(output, "output folder"), force)
+        refuse_existing(output_folder(output), force)
     _hub_progress(quiet)
     # a dry run plans Hub models not in the cache from their remote headers: no weights
     with pipeline.plan(config, offline=offline, cache_dir=cache_dir, weights=not dry_run,
@@ -87,7 +86,7 @@ def merge(config, output, dry_run, force, kernel, threads, shard_size, random_se
             pipeline.preflight(plan, kernel)  # refuse what the real run would refuse
             click.echo(plan.render())
             return
-        summary = pipeline.write(plan, Path(output), force=force, shard_size=size, kernel=kernel,
+        summary = pipeline.write(plan, output, force=force, shard_size=size, kernel=kernel,
                                  threads=threads, progress=not quiet, card=not no_card)
     if not quiet:
         click.echo(summary.text())

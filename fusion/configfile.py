@@ -191,8 +191,30 @@ def _loader_class():
     return Loader
 
 
+#: Flow collections (``[...]``, ``{...}``) deeper than this are refused before parsing: PyYAML's
+#: scanner takes time quadratic in the depth before its composer gives up.
+MAX_FLOW_DEPTH = 100
+_FLOW_TOKENS = re.compile(r"""'(?:[^']|'')*'|"(?:[^"\\]|\\.)*"|(?:^|(?<=\s))#[^\n]*|[\[\]{}]""", re.M)
+
+
+def _flow_depth(text: str) -> int:
+    """How deep flow collections nest, brackets inside quotes and comments left out."""
+    depth = deepest = 0
+    for m in _FLOW_TOKENS.finditer(text):
+        token = m.group()
+        if token in ("[", "{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif token in ("]", "}"):
+            depth -= 1
+    return deepest
+
+
 def parse_yaml(text: str, source: str) -> tuple[Any, dict[str, int]]:
     import yaml
+
+    if _flow_depth(text) > MAX_FLOW_DEPTH:
+        raise ConfigError("", f"{source}: the YAML is nested too deeply to be a merge config; check the file")
 
     loader = None
     try:

@@ -22,11 +22,12 @@ from typing import Any, Mapping, Union
 
 from .api.dtypes import DTYPES
 from .api.modelfiles import support_files
-from .api.resolver import ResolveOptions, expand_user
+from .api.resolver import ResolveOptions
 from .config import MergeConfig, load_config
 from .planner import Plan, build_plan
 from .stream import Summary, execute, select_kernel
-from .writer import atomic_folder, check_output, copy_support_files, parse_size, refuse_existing, write_config
+from .writer import (atomic_folder, check_output, copy_support_files, output_folder, parse_size, refuse_existing,
+                     write_config)
 
 #: What the API takes as a config: a YAML file, data shaped like one, or a parsed config.
 ConfigLike = Union[str, Path, Mapping[str, Any], MergeConfig]
@@ -74,7 +75,7 @@ def merge(config: ConfigLike, output: str | Path, *, force: bool = False, kernel
     (``summary.text()`` is what the CLI prints).
     """
     size = parse_size(shard_size)
-    refuse_existing(expand_user(output, "output folder"), force)  # before anything is downloaded
+    refuse_existing(output_folder(output), force)  # before anything is downloaded
     with plan(config, offline=offline, cache_dir=cache_dir, weights=True, random_seed=random_seed,
               base_dir=base_dir) as p:
         return write(p, output, force=force, kernel=kernel, threads=threads, shard_size=size, card=card,
@@ -87,7 +88,7 @@ def write(plan: Plan, output: str | Path, *, force: bool = False, kernel: str = 
     """Execute a plan into ``output`` atomically: a failed run leaves nothing behind."""
     from .card import model_card, provenance
 
-    output = expand_user(output, "output folder")
+    output = output_folder(output)
     protected = [("config file", plan.config.source)] if plan.config.source else []
     check_output(output, [(m.label, m.folder) for m in plan.inputs], protected)
     preflight(plan, kernel)  # fail before creating anything

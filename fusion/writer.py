@@ -18,6 +18,7 @@ from typing import Iterator, Sequence
 from .api.dtypes import DTYPES, nbytes
 from .api.errors import FusionError, os_error
 from .api.modelfiles import model_root, support_files
+from .api.resolver import expand_user
 
 
 def parse_size(text: str | int) -> int:
@@ -81,6 +82,14 @@ def atomic_folder(target: Path, force: bool, notes: list[str] | None = None) -> 
         if error is not None:
             raise error from exc
         raise
+
+
+def output_folder(output: str | Path) -> Path:
+    """The output folder ``-o`` names, ``~`` expanded; an empty name (an unset variable in
+    ``-o "$OUT"``) is refused rather than taken for the working folder."""
+    if not str(output).strip():
+        raise FusionError("the output folder is an empty name; give -o the folder to write")
+    return expand_user(output, "output folder")
 
 
 def refuse_existing(target: Path, force: bool) -> None:
@@ -288,7 +297,8 @@ def check_output(output: Path, inputs: Sequence[tuple[str, Path]], files: Sequen
             if out == folder or folder in out.parents or out in folder.parents:
                 raise FusionError(f"output folder {output} overlaps the input model {label}; "
                                   f"inputs are never modified: choose another -o")
-    for what, path in files:
-        if out in Path(path).resolve().parents:
+    for what, path in [*files, ("working folder", Path.cwd())]:
+        path = Path(path).resolve()
+        if out == path or out in path.parents:
             raise FusionError(f"output folder {output} holds the {what} {path}, which replacing the folder "
                               f"would delete; choose another -o")

@@ -229,6 +229,24 @@ def test_output_that_holds_the_config_deeper_down(scene):
     assert cfg.is_file()
 
 
+def test_empty_output_name_is_not_the_working_folder(scene):
+    """`-o "$OUT"` with OUT unset used to replace the working folder (with --force)."""
+    (scene.cwd / "notes.txt").write_text("mine\n")
+    scene.inputs.append(scene.cwd / "notes.txt")
+    res = scene.run("merge", scene.ta(), "-o", "", "--force")
+    assert res.code == 1 and "output folder is an empty name" in res.err, res
+    assert sorted(p.name for p in scene.cwd.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("where", [".", "../cwd/sub/.."], ids=["cwd", "cwd-by-another-path"])
+def test_output_that_holds_the_working_folder(scene, where):
+    (scene.cwd / "sub").mkdir()
+    (scene.cwd / "notes.txt").write_text("mine\n")
+    res = scene.run("merge", scene.ta(), "-o", where, "--force")
+    assert res.code == 1 and "holds the working folder" in res.err and "Traceback" not in res.both, res
+    assert (scene.cwd / "notes.txt").read_text() == "mine\n"
+
+
 def test_failed_merge_removes_the_parent_folders_it_made(scene):
     """The merge fails midway (λ overflows float16): the output's new parents go too."""
     cfg = scene.ta(extra="parameters: {lambda: 1.0e+38}\nout_dtype: float16\n")
