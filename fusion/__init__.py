@@ -13,7 +13,7 @@ from typing import Any
 from .api import *  # noqa: F403
 from .api import __all__ as _api
 
-__version__ = "0.1.0"
+from .version import __version__
 
 #: the Python API, imported on first use so that importing fusion (as every plugin does) stays light
 _PIPELINE = ("merge", "plan", "load")

@@ -66,7 +66,7 @@ def _pin(reference: str, resolved: dict) -> str:
 
 def provenance(plan: Plan) -> dict[str, Any]:
     """Machine-readable record of what was merged, for reproducing the merge exactly."""
-    from . import __version__
+    from .version import __version__
 
     resolved = plan.resolve_options.resolved
     return {

@@ -40,6 +40,17 @@ def check_parameters(config: MergeConfig, strategy: Strategy, problems: Problems
     for entry in config.models:
         for key, value in entry.parameters.items():
             check(key, value, f"{entry.path}.parameters.{key}", True)
+    for param in strategy.parameters:
+        if not param.required or param.name in config.parameters:
+            continue
+        # the base model's entry needs no per-model value: it is not one of the merged models
+        lacking = [e.path for e in config.models if param.name not in e.parameters
+                   and not (strategy.base == "required" and e.reference == config.base_model)] \
+            if param.per_model else [""]
+        if lacking:
+            where = f" (in {', '.join(lacking)} or under the top-level `parameters`)" if param.per_model else ""
+            problems.add("parameters", f"{strategy.name} needs {param.name}{where}; e.g. "
+                                       f"`parameters: {{{param.name}: ...}}`")
     if own:
         problems.done()
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .api.architecture import PARTS, part_of
-from .planner import PART_NAMES, Plan, TensorPlan
+from .api.architecture import PART_NAMES, PARTS, part_of
+
+if TYPE_CHECKING:  # the planner renders plans through this module, so it is imported late
+    from .planner import Plan, TensorPlan
 
 
 def _short(value: Any) -> str:

@@ -205,9 +205,9 @@ def test_plugins_json_describes_the_plugin_and_its_parameters(plugin_site, tmp_p
     assert strategy["base_model"] == "unused"
     assert strategy["parameters"] == [
         {"name": "weight", "type": "number", "default": 1.0, "scope": "per-model", "range": "(0, 10]",
-         "help": "wᵢ, the model's weight"},
+         "help": "wᵢ, the model's weight", "required": False},
         {"name": "scale", "type": "number", "default": 1.0, "scope": "global", "range": "[-2, 2]",
-         "help": "multiplies the average"},
+         "help": "multiplies the average", "required": False},
     ]
     broken = infos["broken"]
     assert broken["distribution"] == DIST_NAME and broken["version"] == DIST_VERSION

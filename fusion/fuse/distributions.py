@@ -206,6 +206,6 @@ def fuse(pivot: Representations, aligned: Aligned, source_ce: np.ndarray | None 
 
 
 def targets_key(*parts) -> str:
-    from .. import __version__
+    from ..version import __version__
 
     return hashlib.sha256(json.dumps([__version__, *parts], sort_keys=True, default=str).encode()).hexdigest()

@@ -60,7 +60,7 @@ class Representations:
 
 def cache_key(model_fingerprint: str, reading: Reading, examples: list[Example], top_k: int, max_length: int,
               dtype: str, logits_dtype: str) -> str:
-    from .. import __version__
+    from ..version import __version__
 
     how = {"version": [VERSION, __version__], "model": model_fingerprint, "top_k": top_k, "max_length": max_length,
            "dtype": dtype, "logits_dtype": logits_dtype, "pivot_bos": reading.pivot_bos,
