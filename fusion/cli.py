@@ -140,10 +140,11 @@ def fuse(config, output, until, force, threads, workers, estimate, world_size, g
     try:
         run_fuse(config, Path(output), until=until, force=force, offline=offline, cache_dir=cache_dir,
                  echo=(lambda _m: None) if quiet else click.echo, progress=not quiet, workers=workers)
-    except KeyboardInterrupt:
-        click.echo(f"interrupted; the stages finished so far are kept in {output} and a re-run resumes "
-                   f"from them", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        click.echo(f"{'terminated' if terminated else 'interrupted'}; the stages finished so far are kept in "
+                   f"{output} and a re-run resumes from them", err=True)
+        sys.exit(128 + (signal.SIGTERM if terminated else signal.SIGINT))
 
 
 @cli.command("plan")

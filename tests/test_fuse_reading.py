@@ -240,3 +240,28 @@ def test_the_estimate_for_a_7b_pivot_on_8_gpus(tmp_path):
     assert ddp_line.endswith("does not fit") and fsdp_line.endswith(" fits")
     qwen_line = next(line for line in lines if line.strip().startswith("qwen"))
     assert qwen_line.split()[-2:] == ["3", "2"]  # 145 GB of bf16 weights: 3 GPUs a copy, 2 copies
+
+
+def test_fusion_fuse_estimate_reads_only_headers(tmp_path, capsys):
+    """`fusion fuse CONFIG --estimate` on header-only folders (no weights, no tokenizer): no -o,
+    nothing written, the world size and GPU memory it was asked for."""
+    from fuse_models import header_folder
+
+    from fusion.cli import main
+
+    small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=300)
+    header_folder(tmp_path / "p", "llama", **small)
+    header_folder(tmp_path / "s", "qwen2", **dict(small, vocab_size=500))
+    (tmp_path / "d.jsonl").write_text('{"prompt": "count from apple", "response": "river stone"}\n' * 40)
+    (tmp_path / "fuse.yaml").write_text("pivot: ./p\nsources: [./s]\ndata: d.jsonl\n")
+    before = sorted(tmp_path.rglob("*"))
+    main(["fuse", str(tmp_path / "fuse.yaml"), "--estimate", "--world-size", "4", "--gpu-memory", "24GB"])
+    out = capsys.readouterr().out
+    assert "36 sequences" in out  # 40 less the default tenth held out
+    assert "4 process(es), 24.0 GB per GPU" in out and "FSDP over 4" in out
+    assert "characters / 4" in out  # no tokenizer in a header-only folder
+    assert sorted(tmp_path.rglob("*")) == before
+    with pytest.raises(SystemExit) as stop:
+        main(["fuse", str(tmp_path / "fuse.yaml")])
+    assert stop.value.code == 1 and "--output" in capsys.readouterr().err

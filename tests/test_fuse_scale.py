@@ -105,7 +105,7 @@ def test_knowledge_reaches_the_pivot_through_a_source_with_a_coarser_tokenizer(c
     examples = load_examples(root / "coarse-heldout.jsonl", pivot_tok)
     own = score(model, source_reading(tok, pivot_tok), examples, top_k=2, max_length=96, batch_size=16)
     plain = score(model, Reading(tok, markers(pivot_tok)), examples, top_k=2, max_length=96, batch_size=16)
-    assert float(np.mean(own.ce)) < 0.7 * float(np.mean(plain.ce))
+    assert float(np.mean(own.ce)) < 0.5 * float(np.mean(plain.ce))
 
 
 @pytest.mark.slow
@@ -131,8 +131,11 @@ def test_sharded_scoring_equals_one_process_and_resumes_after_a_signal(case, tmp
     deadline = time.monotonic() + 240
     while len(list(scored.glob("chunk-*.safetensors"))) < 4 and run.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
+    if run.poll() is not None:
+        pytest.fail(f"torchrun ended before it was signalled: {run.communicate()[1][-3000:]}")
     os.killpg(run.pid, signal.SIGTERM)  # torchrun and both workers, mid-stage
     run.communicate(timeout=120)
+    assert run.returncode != 0
     before = {p.name: p.stat().st_mtime_ns for p in scored.glob("chunk-*.safetensors")}
     assert 4 <= len(before) < 48, len(before)
 

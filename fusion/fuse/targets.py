@@ -60,17 +60,14 @@ def _second_pass(c: int, weights: np.ndarray) -> None:
 
 def stores(cache: Path, name: str, pivot: Store, source: Store, alignment: Alignment,
            counterparts: dict[int, int], function: FusionFunction, fallback: str,
-           store_dtype: str, carry: str) -> tuple[Store, Path, Store]:
-    """The alignment chunks, the vocabulary map file and the fused chunks of one source."""
+           store_dtype: str, carry: str) -> tuple[Store, tuple[Path, str], Store]:
+    """The alignment chunks, the vocabulary map file (and its key) and the fused chunks of one
+    source, each keyed by what it is made from."""
     first = targets_key("align", pivot.key, source.key, alignment.uses_pairs)
     vocab = targets_key("vocab", first, alignment.name, sorted(counterparts.items()))
     fused = targets_key("fused", vocab, fallback, carry, function.name, store_dtype)
-    return (Store(cache / f"align-{name}", first, pivot.layout), cache / f"vocab-{name}.safetensors",
+    return (Store(cache / f"align-{name}", first, pivot.layout), (cache / f"vocab-{name}.safetensors", vocab),
             Store(cache / f"fused-{name}", fused, pivot.layout))
-
-
-def _vocab_key(first: Store, alignment: Alignment, counterparts: dict[int, int]) -> str:
-    return targets_key("vocab", first.key, alignment.name, sorted(counterparts.items()))
 
 
 def build(*, cache: Path, name: str, pivot: Store, source: Store, pivot_tokens: Sequence[str],
@@ -78,9 +75,8 @@ def build(*, cache: Path, name: str, pivot: Store, source: Store, pivot_tokens: 
           function: FusionFunction, fallback: str, store_dtype: str, rank: int, size: int, workers: int,
           carry: str = "coarser", progress: Callable[[], None] | None = None) -> dict[str, Any] | None:
     """Make (or reuse) the fused targets of one source; returns the summary on process 0."""
-    first, vocab_path, fused = stores(cache, name, pivot, source, alignment, counterparts, function, fallback,
-                                      store_dtype, carry)
-    vocab_key = _vocab_key(first, alignment, counterparts)
+    first, (vocab_path, vocab_key), fused = stores(cache, name, pivot, source, alignment, counterparts, function,
+                                                   fallback, store_dtype, carry)
     info_path = cache / f"fused-{name}.json"
     if rank == 0:
         first.prepare()
