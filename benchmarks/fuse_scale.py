@@ -10,7 +10,7 @@ baseline measured in the same run.
    scoring holds a batch at a time, not the data set. --python runs another install (e.g. an
    older checkout's .venv/bin/python) for comparison.
 
-    .venv/bin/python benchmarks/fuse_scale.py [--dir /tmp/fuse-bench] [--sequences 480]
+    .venv/bin/python benchmarks/fuse_scale.py [--dir /tmp/fuse-bench] [--sequences 9000]
                                               [--base 300] [--sizes 1 10 30] [--top-k 64] [--python PY]
 """
 
@@ -73,28 +73,62 @@ def run(cmd: list[str], cwd: Path, env: dict | None = None) -> subprocess.Comple
     return r
 
 
+def _spin(n: int) -> int:
+    total = 0
+    for i in range(n):
+        total += i * i
+    return total
+
+
+def calibration() -> float:
+    """How much faster two processes run a pure-Python loop than one, on this machine now: the
+    most any two-process ratio below can be (other work on the machine takes the rest)."""
+    import multiprocessing
+    import time
+    from concurrent.futures import ProcessPoolExecutor
+
+    tasks = [1_000_000] * 24
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(_spin, tasks[:2]))  # started
+        start = time.perf_counter()
+        list(pool.map(_spin, tasks))
+        two = time.perf_counter() - start
+    start = time.perf_counter()
+    [_spin(n) for n in tasks]
+    return (time.perf_counter() - start) / two
+
+
 def throughput(root: Path, sequences: int) -> None:
     data = repeat(root, f"train-{sequences}.jsonl", sequences)
-    cfg = config(root, "throughput.yaml", data, chunk=16)
+    cfg = config(root, "throughput.yaml", data, chunk=64)
     python, torchrun = sys.executable, str(Path(sys.executable).parent / "torchrun")
+    single = [python, "-m", "fusion", "fuse", str(cfg), "--threads", "1"]
     runs = {}
-    for name, cmd in (("1 process", [python, "-m", "fusion", "fuse", str(cfg), "--workers", "1"]),
+    for name, cmd in (("1 process", single + ["--workers", "1"]),
                       ("2 processes (torchrun)", [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "fusion",
                                                   "fuse", str(cfg)]),
-                      ("1 process, 2 alignment workers", [python, "-m", "fusion", "fuse", str(cfg), "--workers", "2"])):
+                      ("1 process, 2 alignment workers", single + ["--workers", "2"])):
         out = root / f"out-{len(runs)}"
         shutil.rmtree(out, ignore_errors=True)
-        run(cmd + ["-o", str(out), "--until", "fuse", "-q", "--threads", "1"] if "torchrun" not in name else
-            cmd + ["-o", str(out), "--until", "fuse", "-q"], root)
+        if "workers" in name:  # the same representations: only alignment and fusion run
+            for folder in (root / "out-0" / "cache").glob("represent-*"):
+                shutil.copytree(folder, out / "cache" / folder.name)
+        run(cmd + ["-o", str(out), "--until", "fuse", "-q"], root)
         runs[name] = stages(out)
-    positions = sum(len(json.loads(line)["response"]) for line in (root / data).read_text().splitlines())
+    positions = count_positions(root, data)
     base = runs["1 process"]
-    print(f"throughput: {sequences} sequences, a pivot and a source with another vocabulary, chunks of 16")
-    print(f"{'':<32} {'represent s':>12} {'ratio':>6} {'fuse s':>8} {'ratio':>6}")
+    with open("/proc/loadavg") as f:
+        load = f.read().split()[0]
+    print(f"calibration: a pure-Python loop on 2 processes runs {calibration():.2f}x as fast as on 1 "
+          f"(load average {load} on {os.cpu_count()} CPUs)")
+    print(f"throughput: {sequences} sequences ({positions} pivot positions), a pivot and a source with another "
+          f"vocabulary, chunks of 64; ratio = one process's seconds / these")
+    print(f"{'':<32} {'represent s':>12} {'ratio':>6} {'fuse s':>8} {'ratio':>6} {'µs/position':>12}")
     for name, s in runs.items():
-        print(f"{name:<32} {s['represent']:>12.2f} {base['represent'] / s['represent']:>5.2f}x "
-              f"{s['fuse']:>8.2f} {base['fuse'] / s['fuse']:>5.2f}x")
-    print(f"(response characters: {positions}; ratio = one process's seconds / these seconds)")
+        rep = (f"{s['represent']:>12.2f} {base['represent'] / s['represent']:>5.2f}x" if "workers" not in name
+               else f"{'(reused)':>12} {'':>6}")
+        print(f"{name:<32} {rep} {s['fuse']:>8.2f} {base['fuse'] / s['fuse']:>5.2f}x "
+              f"{1e6 * s['fuse'] / positions:>12.1f}")
 
 
 def count_positions(root: Path, data: str) -> int:
@@ -130,7 +164,7 @@ def memory(root: Path, base: int, sizes: list[int], top_k: int, python: str) -> 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dir", default="/tmp/fuse-bench")
-    ap.add_argument("--sequences", type=int, default=480)
+    ap.add_argument("--sequences", type=int, default=9000)
     ap.add_argument("--base", type=int, default=300, help="sequences of the smallest set (above one chunk)")
     ap.add_argument("--sizes", type=int, nargs="+", default=[1, 10, 30])
     ap.add_argument("--top-k", type=int, default=64)

@@ -55,26 +55,41 @@ def cpus() -> int:
         return os.cpu_count() or 1
 
 
-def run_tasks(function: Callable[..., Any], tasks: Sequence[tuple], workers: int,
-              initializer: Callable[..., None] | None = None, initargs: tuple = (),
-              progress: Callable[[], None] | None = None) -> None:
-    """``function(*task)`` for every task: here, or on ``workers`` spawned processes (fresh
-    interpreters: nothing of this process's state but ``initargs`` reaches them)."""
-    if workers <= 1 or len(tasks) <= 1:
-        if initializer is not None:
-            initializer(*initargs)
-        for task in tasks:
-            function(*task)
-            if progress is not None:
-                progress()
-        return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+class Workers:
+    """``function(*task)`` for every task of a batch: here, or on ``count`` spawned processes
+    (fresh interpreters: nothing of this process's state but ``initargs`` reaches them), started
+    on the first batch that has work for more than one and kept for the batches after it."""
 
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=context, initializer=initializer,
-                             initargs=initargs) as pool:
-        for future in [pool.submit(function, *task) for task in tasks]:
+    def __init__(self, count: int, initializer: Callable[..., None], initargs: tuple = ()):
+        self.count, self.initializer, self.initargs = count, initializer, initargs
+        self.pool = None
+        self.here = False
+
+    def __enter__(self) -> "Workers":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+    def run(self, function: Callable[..., Any], tasks: Sequence[tuple],
+            progress: Callable[[], None] | None = None) -> None:
+        if self.pool is None and (self.count <= 1 or len(tasks) <= 1):
+            if not self.here:
+                self.initializer(*self.initargs)
+                self.here = True
+            for task in tasks:
+                function(*task)
+                if progress is not None:
+                    progress()
+            return
+        if self.pool is None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self.pool = ProcessPoolExecutor(self.count, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=self.initializer, initargs=self.initargs)
+        for future in [self.pool.submit(function, *task) for task in tasks]:
             future.result()
             if progress is not None:
                 progress()

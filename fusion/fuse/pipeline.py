@@ -116,7 +116,11 @@ class Run:
 def run_fuse(config_path: str | Path, output: Path, *, until: str | None = None, force: bool = False,
              offline: bool = False, cache_dir: str | None = None, echo: Callable[[str], None] = print,
              progress: bool = True, workers: int | None = None) -> dict[str, Any] | None:
-    """Run (or resume) pairwise fusion; returns the report on process 0, None on the others."""
+    """Run (or resume) pairwise fusion; returns the report on process 0, None on the others.
+
+    ``workers`` > 1 aligns on that many spawned processes (outside torchrun), which import the
+    calling script's main module: a script that calls this needs ``if __name__ == "__main__":``.
+    """
     from . import stages
     from .models import transformers
     from .parallel import init_distributed

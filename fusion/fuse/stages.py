@@ -57,7 +57,8 @@ def represent(run: "Run") -> None:
         if run.main_process:
             m.store.prepare()
         barrier()
-        missing = m.store.missing()
+        missing = set(m.store.missing())
+        barrier()  # every process has looked before any writes: they agree on what was missing
         reused += not missing
         weights = models.weight_info(m.folder)
         place = models.placement(weights.parameters * models.DTYPE_BYTES[dtype], run.rank, run.size,

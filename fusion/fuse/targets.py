@@ -20,7 +20,7 @@ import numpy as np
 from ..api.vocab import Alignment, FusionFunction, VocabContext, pivot_index
 from .cache import load_arrays, save_arrays
 from .distributions import apply_map, counter, fuse, positions, sequence_weights, targets_key, vocabulary
-from .parallel import barrier, run_tasks
+from .parallel import Workers, barrier
 from .represent import Representations
 from .shards import Store
 
@@ -47,6 +47,9 @@ def _first_pass(c: int) -> None:
 
 def _second_pass(c: int, weights: np.ndarray) -> None:
     s = _state
+    if "table" not in s:  # built after the pool started: every worker reads it once
+        vocab = load_arrays(s["vocab_path"], s["vocab_key"])
+        s["table"], s["how"] = vocab["table"], vocab["how"]
     pivot, source = _reps(s["pivot"], c, "pivot representations"), _reps(s["source"], c, "source representations")
     first = s["align"].require(c, "alignment")
     aligned = apply_map(pivot, source, first["rows"], first["status"], s["table"], s["how"], s["fallback"],
@@ -87,22 +90,20 @@ def build(*, cache: Path, name: str, pivot: Store, source: Store, pivot_tokens: 
         and not fused.missing()
     state = {"pivot": pivot, "source": source, "align": first, "fused": fused, "pivot_tokens": list(pivot_tokens),
              "source_tokens": list(source_tokens), "pairs": alignment.uses_pairs, "fallback": fallback,
-             "store_dtype": store_dtype, "carry": carry}
+             "store_dtype": store_dtype, "carry": carry, "vocab_path": vocab_path, "vocab_key": vocab_key}
     mine = layout.share(rank, size) if size > 1 else list(range(layout.chunks))
     vocab = load_arrays(vocab_path, vocab_key)
     todo = [c for c in mine if not first.done(c) and (vocab is None or not fused.done(c))]
-    run_tasks(_first_pass, [(c,) for c in todo], workers if size == 1 else 1, _init, (state,), progress)
-    barrier()
-    if vocab is None:
-        if rank == 0:
-            vocab = _build_vocab(first, pivot_tokens, source_tokens, alignment, counterparts)
-            save_arrays(vocab_path, vocab, vocab_key)
+    with Workers(workers if size == 1 else 1, _init, (state,)) as pool:
+        pool.run(_first_pass, [(c,) for c in todo], progress)
         barrier()
-        vocab = load_arrays(vocab_path, vocab_key)
-    state["table"], state["how"] = vocab["table"], vocab["how"]
-    todo = [c for c in mine if not fused.done(c)]
-    tasks = [(c, _weights(pivot, source, c, function)) for c in todo]
-    run_tasks(_second_pass, tasks, workers if size == 1 else 1, _init, (state,), progress)
+        if vocab is None:
+            if rank == 0:
+                save_arrays(vocab_path, _build_vocab(first, pivot_tokens, source_tokens, alignment, counterparts),
+                            vocab_key)
+            barrier()
+        todo = [c for c in mine if not fused.done(c)]
+        pool.run(_second_pass, [(c, _weights(pivot, source, c, function)) for c in todo], progress)
     barrier()
     if rank != 0:
         return None
