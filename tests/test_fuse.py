@@ -548,6 +548,7 @@ def test_knowledge_transfer_through_aligned_distributions(case, tmp_path):
     again = run_fuse(config, out, echo=lambda _m: None)
     assert again["stages"]["represent"]["reused"] == 3
     assert all(t["reused"] for t in again["training"].values())
+    assert again["stages"]["merge"]["note"] == again["stages"]["evaluate"]["note"] == "reused"
     assert _mtimes(out / "cache") == before
     assert again["heldout_loss"]["targets"] == pytest.approx(held["targets"])
     assert again["heldout_loss"]["merged"] == pytest.approx(held["merged"])
