@@ -138,7 +138,7 @@ def fuse(config, output, until, force, threads, workers, estimate, world_size, g
 
         torch.set_num_threads(threads)
     try:
-        run_fuse(config, Path(output), until=until, force=force, offline=offline, cache_dir=cache_dir,
+        run_fuse(config, output, until=until, force=force, offline=offline, cache_dir=cache_dir,
                  echo=(lambda _m: None) if quiet else click.echo, progress=not quiet, workers=workers)
     except KeyboardInterrupt as exc:
         terminated = isinstance(exc, Terminated)

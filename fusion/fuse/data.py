@@ -99,13 +99,20 @@ def format_chat(tokenizer, messages: list[dict[str, str]]) -> Example:
 
 
 def load_examples(path: Path, tokenizer) -> list[Example]:
+    """The records of a data file as examples; records with nothing to learn (empty text, empty
+    responses) are left out, and a file with none left is refused in one sentence."""
     out = []
     for n, record in read_jsonl(path):
         messages = _messages(record, f"{path}:{n}")
         if messages is None:
-            out.append(Example(record["text"], [(0, len(record["text"]))], chat=False))
+            example = Example(record["text"], [(0, len(record["text"]))], chat=False)
         else:
-            out.append(format_chat(tokenizer, messages))
+            example = format_chat(tokenizer, messages)
+        if any(end > start for start, end in example.spans):
+            out.append(example)
+    if not out:
+        raise FusionError(f"{path}: no record has any text to learn from (every `text`, response or "
+                          f"assistant message is empty); fill in the data")
     return out
 
 

@@ -113,7 +113,7 @@ class Run:
         self.report["stages"][name] = {"seconds": time.perf_counter() - started, **extra}
 
 
-def run_fuse(config_path: str | Path, output: Path, *, until: str | None = None, force: bool = False,
+def run_fuse(config_path: str | Path, output: str | Path, *, until: str | None = None, force: bool = False,
              offline: bool = False, cache_dir: str | None = None, echo: Callable[[str], None] = print,
              progress: bool = True, workers: int | None = None) -> dict[str, Any] | None:
     """Run (or resume) pairwise fusion; returns the report on process 0, None on the others.
@@ -131,7 +131,9 @@ def run_fuse(config_path: str | Path, output: Path, *, until: str | None = None,
     started = time.perf_counter()
     config = load_fuse_config(config_path)
     init_distributed()
-    run = _open(config, Path(output), force, ResolveOptions(base_dir=config.base_dir, offline=offline,
+    from ..writer import output_folder
+
+    run = _open(config, output_folder(output), force, ResolveOptions(base_dir=config.base_dir, offline=offline,
                                                             cache_dir=cache_dir), echo)
     run.progress, run.workers = progress, workers
     stages.represent(run)
@@ -165,13 +167,6 @@ def _open(config: FuseConfig, output: Path, force: bool, options: ResolveOptions
         barrier()
     entries = [Model(r, name) for r, name in zip(resolved, unique_names([r for _, r in refs]))]
     check_output(output, [(f"{m.label} ({m.reference})", m.folder) for m in entries])
-    if not rank:
-        if force:
-            for sub in ("cache", "targets", "merged"):
-                shutil.rmtree(output / sub, ignore_errors=True)
-        (output / "cache").mkdir(parents=True, exist_ok=True)
-        (output / "targets").mkdir(exist_ok=True)
-    barrier()
     for m in entries:
         m.tokenizer = models.load_tokenizer(m.folder, m.label)
     pivot, sources = entries[0], entries[1:]
@@ -180,6 +175,14 @@ def _open(config: FuseConfig, output: Path, force: bool, options: ResolveOptions
         train_set, heldout = examples, load_examples(config.eval_data, pivot.tokenizer)
     else:
         train_set, heldout = split(examples, config.eval_fraction, config.training.seed)
+    # only now that the models and the data are known to be good does the output take shape
+    if not rank:
+        if force:
+            for sub in ("cache", "targets", "merged"):
+                shutil.rmtree(output / sub, ignore_errors=True)
+        (output / "cache").mkdir(parents=True, exist_ok=True)
+        (output / "targets").mkdir(exist_ok=True)
+    barrier()
     quiet = lambda _m: None  # noqa: E731  (only process 0 talks)
     run = Run(config, output, pivot, sources, train_set, heldout, models.device(), rank, size,
               quiet if rank else echo)
