@@ -141,8 +141,8 @@ def linear(out: "Buffer | torch.Tensor", tensors: Sequence["Buffer | torch.Tenso
     _need()
     n = buffer(out).numel
     o, code = _buffer(out, n, "out")
-    return _c.elementwise(0, o, code, n, _inputs(None, tensors, n), [float(w) for w in weights],
-                          1.0, bool(normalize), float(sum(weights)), _threads(threads), bool(release))
+    return _c.weighted_sum(o, code, n, _inputs(None, tensors, n), [float(w) for w in weights], False,
+                           1.0, bool(normalize), float(sum(weights)), _threads(threads), bool(release))
 
 
 def task_arithmetic(out: "Buffer | torch.Tensor", base: "Buffer | torch.Tensor", tensors: Sequence["Buffer | torch.Tensor"],
@@ -152,8 +152,8 @@ def task_arithmetic(out: "Buffer | torch.Tensor", base: "Buffer | torch.Tensor",
     _need()
     n = buffer(out).numel
     o, code = _buffer(out, n, "out")
-    return _c.elementwise(1, o, code, n, _inputs(base, tensors, n), [0.0] + [float(w) for w in weights],
-                          float(lam), bool(normalize), float(sum(weights)), _threads(threads), bool(release))
+    return _c.weighted_sum(o, code, n, _inputs(base, tensors, n), [float(w) for w in weights], True,
+                           float(lam), bool(normalize), float(sum(weights)), _threads(threads), bool(release))
 
 
 def ties(out: "Buffer | torch.Tensor", base: "Buffer | torch.Tensor", tensors: Sequence["Buffer | torch.Tensor"],
@@ -166,9 +166,9 @@ def ties(out: "Buffer | torch.Tensor", base: "Buffer | torch.Tensor", tensors: S
     n = buffer(out).numel
     o, code = _buffer(out, n, "out")
     mask_ptrs = None if masks is None else [_mask(m, n) for m in masks]
-    return _c.ties(o, code, n, _inputs(base, tensors, n), [float(w) for w in weights],
-                   [int(k) for k in ks], float(lam), bool(normalize), _threads(threads),
-                   bool(release), mask_ptrs)
+    return _c.sparse_merge(o, code, n, _inputs(base, tensors, n), [float(w) for w in weights], 1,
+                           [(int(k),) for k in ks], True, bool(normalize), float(lam), _threads(threads),
+                           bool(release), mask_ptrs)
 
 
 def sce(out: "Buffer | torch.Tensor", base: "Buffer | torch.Tensor", tensors: Sequence["Buffer | torch.Tensor"], *,
@@ -179,8 +179,8 @@ def sce(out: "Buffer | torch.Tensor", base: "Buffer | torch.Tensor", tensors: Se
     _need()
     n = buffer(out).numel
     o, code = _buffer(out, n, "out")
-    return _c.sce(o, code, n, _inputs(base, tensors, n), float(tau), bool(scope_all), float(lam),
-                  _threads(threads), bool(release), None if mask is None else [_mask(mask, n)])
+    return _c.variance_merge(o, code, n, _inputs(base, tensors, n), float(tau), bool(scope_all), float(lam),
+                             _threads(threads), bool(release), None if mask is None else [_mask(mask, n)])
 
 
 def _mask(m: "torch.Tensor", n: int) -> int:
@@ -202,7 +202,7 @@ def topk_mask(key: "torch.Tensor", k: int, threads: int | None = None) -> "torch
     flat = key.reshape(-1).contiguous()
     mask = torch.empty(n, dtype=torch.bool)
     ptr, code = _buffer(flat, n, "key")
-    _c.select(ptr, code, n, int(k), mask.data_ptr(), _threads(threads))
+    _c.topk_mask(ptr, code, n, int(k), mask.data_ptr(), _threads(threads))
     return mask.reshape(key.shape)
 
 
@@ -215,5 +215,5 @@ def convert(t: "torch.Tensor", dtype: "torch.dtype") -> "torch.Tensor":
     out = torch.empty(flat.numel(), dtype=dtype)
     src, scode = _buffer(flat, flat.numel(), "input")
     dst, dcode = _buffer(out, flat.numel(), "out")
-    _c.convert(src, scode, dst, dcode, flat.numel())
+    _c.convert(src, scode, dst, dcode, flat.numel(), 1)
     return out.reshape(t.shape)
