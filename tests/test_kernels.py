@@ -202,7 +202,8 @@ def test_ties_equals_reference(case, data):
     ks = [topk_count(d, n) for d in densities]
     out = torch.empty(n, dtype=out_dtype)
     masks = [torch.empty(n, dtype=torch.bool) for _ in models]
-    kernels.ties(out, base, models, weights, ks, lam=lam, normalize=normalize, threads=2, masks=masks)
+    kernels.trimmed_sign_merge(out, base, models, weights, ks, scale=lam, normalize=normalize, threads=2,
+                               masks=masks)
     for mask, model, k in zip(masks, models, ks):
         assert torch.equal(mask, topk_mask((model.float() - base.float()).abs(), k))
     params = {"weight": weights, "density": densities, "lambda": lam, "normalize": normalize}
@@ -216,7 +217,8 @@ def test_sce_equals_reference(case, tau, scope, lam):
     n = base.numel()
     out = torch.empty(n, dtype=out_dtype)
     mask = torch.empty(n, dtype=torch.bool)
-    kernels.sce(out, base, models, tau=tau, scope_all=scope == "all", lam=lam, threads=2, mask=mask)
+    kernels.variance_selected_merge(out, base, models, fraction=tau, mask_deltas=scope == "all", scale=lam,
+                                    threads=2, mask=mask)
     if tau < 1:
         variance = _population_variance([m.float() - base.float() for m in models])
         expected = topk_mask(variance, topk_count(tau, int(torch.count_nonzero(variance))))
@@ -245,8 +247,8 @@ def test_many_threads_and_ties_on_a_larger_tensor(threads):
     masks = [torch.empty(n, dtype=torch.bool) for _ in models]
     params = {"weight": [1.0, 0.5, 0.7], "density": [0.5, 0.3, 0.77], "lambda": 0.9, "normalize": True}
     ks = [topk_count(d, n) for d in params["density"]]
-    kernels.ties(out, base, models, params["weight"], ks, lam=0.9, normalize=True, threads=threads,
-                 masks=masks)
+    kernels.trimmed_sign_merge(out, base, models, params["weight"], ks, scale=0.9, normalize=True,
+                               threads=threads, masks=masks)
     for mask, model, k in zip(masks, models, ks):
         assert torch.equal(mask, topk_mask((model.float() - base.float()).abs(), k))
     assert_within_one_ulp(out, reference(Ties(), base, models, params, torch.bfloat16))
@@ -254,8 +256,8 @@ def test_many_threads_and_ties_on_a_larger_tensor(threads):
     variance = _population_variance(deltas)
     for tau in (0.1, 0.7):
         mask = torch.empty(n, dtype=torch.bool)
-        _, energies = kernels.sce(out, base, models, tau=tau, scope_all=True, lam=1.0, threads=threads,
-                                  mask=mask)
+        _, energies = kernels.variance_selected_merge(out, base, models, fraction=tau, mask_deltas=True,
+                                                      scale=1.0, threads=threads, mask=mask)
         params = {"select_topk": tau, "select_scope": "all", "lambda": 1.0}
         assert_within_one_ulp(out, reference(Sce(), base, models, params, torch.bfloat16))
         selected = topk_mask(variance, topk_count(tau, int(torch.count_nonzero(variance))))
@@ -410,7 +412,8 @@ def test_sce_kernel_energies_are_sums_of_squares():
     base = torch.zeros(5, dtype=torch.float32)
     models = [torch.tensor([1.0, -2.0, 0.0, 0.5, 3.0]), torch.tensor([0.25, 0.0, 0.0, 0.0, -1.0])]
     out = torch.empty(5)
-    _, energies = kernels.sce(out, base, models, tau=1.0, scope_all=True, lam=1.0)
+    _, energies = kernels.variance_selected_merge(out, base, models, fraction=1.0, mask_deltas=True,
+                                                  scale=1.0)
     assert energies == [sum(x * x for x in m.tolist()) for m in models]
     assert math.isclose(sum(energies), 15.3125)
 
