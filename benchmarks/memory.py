@@ -29,8 +29,8 @@ finally:
     {PEAK}
 """
 BASELINE = {
-    "torch": f"import sys, torch, fusion.stream, fusion.plan\ntorch.ones(4).sum()\n{PEAK}",
-    "c": f"import sys, numpy, fusion.stream, fusion.plan, fusion.api.kernels\n{PEAK}",
+    "torch": f"import sys, torch, fusion.stream, fusion.planner\ntorch.ones(4).sum()\n{PEAK}",
+    "c": f"import sys, numpy, fusion.stream, fusion.planner, fusion.api.kernels\n{PEAK}",
 }
 
 

@@ -1,10 +1,12 @@
-"""The model card (README.md) written beside a merged model."""
+"""What a merged model says about itself: the model card (README.md) and fusion.json."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import yaml
 
-from .plan import Plan
+from .planner import Plan
 
 
 def model_card(plan: Plan, resolved: dict) -> str:
@@ -44,7 +46,8 @@ def model_card(plan: Plan, resolved: dict) -> str:
     lines += [
         "",
         f"{merged} of {len(plan.tensors)} tensors were merged; the others were carried over unchanged "
-        f"from `{plan.layout.reference}`.",
+        f"from `{plan.layout.reference}`."
+        + (f" Random seed: {plan.random_seed}." if plan.random_seed is not None else ""),
         "",
         "## Configuration",
         "",
@@ -59,3 +62,20 @@ def model_card(plan: Plan, resolved: dict) -> str:
 def _pin(reference: str, resolved: dict) -> str:
     info = resolved.get(reference)
     return f" (commit `{info['commit']}`)" if isinstance(info, dict) and info.get("commit") else ""
+
+
+def provenance(plan: Plan) -> dict[str, Any]:
+    """Machine-readable record of what was merged, for reproducing the merge exactly."""
+    from .version import __version__
+
+    resolved = plan.resolve_options.resolved
+    return {
+        "fusion_version": __version__,
+        "merge_method": plan.strategy.name,
+        "random_seed": plan.random_seed,
+        "inputs": [{
+            "label": m.label, "reference": m.reference, "path": str(m.folder),
+            "architecture": m.spec.name, "revision": resolved.get(m.reference),
+        } for m in plan.inputs],
+        "config": plan.config.text,
+    }

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
 
-from . import __version__
-from .api.errors import FusionError
+from .version import __version__
+from .api.errors import ConfigErrors, FusionError, os_error
 
 _debug = False
 
@@ -38,17 +40,6 @@ def cli(debug: bool, plugins: tuple[str, ...]) -> None:
         pm.add_local_plugin(spec)
 
 
-def _plan(config_path: str, offline: bool, cache_dir: str | None, weights: bool = True):
-    from .config import load_config
-    from .plan import build_plan
-    from .api.resolver import ResolveOptions
-
-    config = load_config(config_path)
-    # weights=False: Hub models not in the cache are planned from their remote headers
-    options = ResolveOptions(base_dir=config.base_dir, offline=offline, cache_dir=cache_dir, weights=weights)
-    return build_plan(config, options)
-
-
 def _hub_progress(quiet: bool) -> None:
     """Download bars only where someone watches them, like the merge's own bar."""
     if quiet or not sys.stderr.isatty():
@@ -72,29 +63,31 @@ _cache_dir = click.option("--cache-dir", type=click.Path(file_okay=False), defau
               help="Merge kernels: compiled C, the torch reference, or the best available.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads for the merge arithmetic (default: all CPUs).")
 @click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard (e.g. 5GB, 500MB).")
+@click.option("--random-seed", type=click.IntRange(0, 2**64 - 1), default=None,
+              help="Seed of strategies that draw random numbers (overrides the config's random_seed).")
 @click.option("--no-card", is_flag=True, help="Do not write a model card (README.md).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @_offline
 @_cache_dir
-def merge(config, output, dry_run, force, kernel, threads, shard_size, no_card, quiet, offline, cache_dir):
+def merge(config, output, dry_run, force, kernel, threads, shard_size, random_seed, no_card, quiet, offline,
+          cache_dir):
     """Merge the models named in CONFIG into the folder OUTPUT."""
-    from .writer import parse_size
+    from . import pipeline
+    from .writer import output_folder, parse_size, refuse_existing
 
     size = parse_size(shard_size)
+    if not dry_run:  # before anything is downloaded
+        refuse_existing(output_folder(output), force)
     _hub_progress(quiet)
-    plan = _plan(config, offline, cache_dir, weights=not dry_run)
-    try:
+    # a dry run plans Hub models not in the cache from their remote headers: no weights
+    with pipeline.plan(config, offline=offline, cache_dir=cache_dir, weights=not dry_run,
+                       random_seed=random_seed) as plan:
         if dry_run:
-            from .plan import render
-
-            click.echo(render(plan))
+            pipeline.preflight(plan, kernel)  # refuse what the real run would refuse
+            click.echo(plan.render())
             return
-        from .stream import run_merge
-
-        summary = run_merge(plan, Path(output), force=force, shard_size=size, kernel=kernel,
-                            threads=threads, progress=not quiet, card=not no_card)
-    finally:
-        plan.close()
+        summary = pipeline.write(plan, output, force=force, shard_size=size, kernel=kernel,
+                                 threads=threads, progress=not quiet, card=not no_card)
     if not quiet:
         click.echo(summary.text())
 
@@ -142,14 +135,11 @@ def fuse(config, output, until, force, threads, quiet, offline, cache_dir):
 @_cache_dir
 def plan_cmd(config, as_json, offline, cache_dir):
     """Show, tensor by tensor, what merging CONFIG would do."""
-    from .plan import describe, render
+    from . import pipeline
 
     _hub_progress(quiet=as_json)
-    plan = _plan(config, offline, cache_dir, weights=False)
-    try:
-        click.echo(json.dumps(describe(plan), indent=2) if as_json else render(plan))
-    finally:
-        plan.close()
+    with pipeline.plan(config, offline=offline, cache_dir=cache_dir, weights=False) as plan:
+        click.echo(json.dumps(plan.describe(), indent=2) if as_json else plan.render())
 
 
 @cli.command()
@@ -160,6 +150,7 @@ def plugins(as_json):
 
     infos = pm.plugin_infos()
     strategies = pm.strategies()
+    registered = pm.host().registered("strategy")
     if as_json:
         data = [dict(i.as_dict(), strategies=[strategies[s].describe() for s in i.strategies if s in strategies])
                 for i in infos]
@@ -170,18 +161,24 @@ def plugins(as_json):
         click.echo(f"{info.name}  ({dist}, {info.origin})")
         if info.error:
             click.echo(f"  ERROR: {info.error}")
+        for name in info.shadowed:
+            click.echo(f"  replaced by a later plugin: {name}")
         if "resolve_model" in info.hooks:
             click.echo("  resolves model references")
         for name in info.strategies:
-            s = strategies.get(name)
-            if s is None:
+            if registered[name][-1][0] != info.name:  # replaced by a later plugin (said above)
                 continue
+            s = strategies[name]
             paper = f"  {s.paper}" if s.paper else ""
             click.echo(f"  strategy {s.name}: {s.description}{paper}")
+            base = {"required": "needs base_model", "optional": "base_model optional",
+                    "unused": "no base_model"}.get(s.base, s.base)
+            click.echo(f"    merges {s.models_text()} model(s); {base}" + ("; seeded" if s.random else ""))
             for p in s.parameters:
                 rng = f" in {p.range_text}" if p.range_text else ""
                 scope = "per model" if p.per_model else "global"
-                click.echo(f"    {p.name} ({p.type.__name__}, {scope}, default {p.default!r}{rng})"
+                default = "required" if p.required else f"default {p.default!r}"
+                click.echo(f"    {p.name} ({p.type.__name__}, {scope}, {default}{rng})"
                            + (f": {p.help}" if p.help else ""))
         if info.architectures:
             click.echo(f"  architectures: {', '.join(info.architectures)}")
@@ -221,34 +218,64 @@ def demo(output, quiet):
     run_demo(Path(output) if output else None, progress=not quiet, echo=click.echo)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a job scheduler, a container stopping): unwound like Ctrl-C, so the
+    temporary output is removed on the way out."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+def _interrupted(exc: BaseException) -> None:
+    terminated = isinstance(exc, Terminated)
+    click.echo(f"{'terminated' if terminated else 'interrupted'}; no output was written", err=True)
+    sys.exit(128 + (signal.SIGTERM if terminated else signal.SIGINT))
+
+
 def main(argv: list[str] | None = None) -> None:
     global _debug
     argv = list(sys.argv[1:] if argv is None else argv)
     _debug = "--debug" in argv or os.environ.get("FUSION_DEBUG") == "1"
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if on_main else None
+    try:
+        _run(argv)
+    finally:
+        if on_main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(argv: list[str]) -> None:
     try:
         cli.main(args=argv, prog_name="fusion", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(1)  # bad input, like every other input error
+    except click.ClickException as exc:  # bad input, like every other input error: one line, exit 1
+        ctx = getattr(exc, "ctx", None)
+        see = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
+        click.echo(f"error: {exc.format_message().rstrip('.')}{see}", err=True)
+        sys.exit(1)
     except click.Abort as exc:
         # without standalone mode click turns Ctrl-C into Abort
         if isinstance(exc.__context__, KeyboardInterrupt):
-            click.echo("interrupted; no output was written", err=True)
-            sys.exit(130)
+            _interrupted(exc.__context__)
         click.echo("aborted", err=True)
         sys.exit(1)
     except FusionError as exc:
         if _debug:
             raise
-        click.echo(f"error: {exc}", err=True)
+        for problem in exc.errors if isinstance(exc, ConfigErrors) else [exc]:
+            click.echo(f"error: {problem}", err=True)
         sys.exit(1)
-    except KeyboardInterrupt:
-        click.echo("interrupted; no output was written", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as exc:
+        _interrupted(exc)
     except Exception as exc:  # a bug: say so, keep the traceback behind --debug
         if _debug:
             raise
+        known = os_error(exc, "cannot go on")  # the machine, not fusion: disk full, permissions
+        if known is not None:
+            click.echo(f"error: {known}", err=True)
+            sys.exit(1)
         click.echo(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True)
         sys.exit(2)

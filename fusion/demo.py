@@ -91,10 +91,7 @@ def make_family(root: Path, config: dict = TINY_QWEN2, seed: int = 0) -> dict[st
 def run_demo(output: Path | None, progress: bool = True, echo: Callable[[str], None] = print) -> Path:
     import torch
 
-    from .config import parse_config
-    from .stream import run_merge
-    from .plan import build_plan
-    from .api.resolver import ResolveOptions
+    from .pipeline import merge
 
     keep = output is not None
     root = Path(output) if keep else Path(tempfile.mkdtemp(prefix="fusion-demo-"))
@@ -105,13 +102,8 @@ def run_demo(output: Path | None, progress: bool = True, echo: Callable[[str], N
     echo("2. merging them with task arithmetic (merge.yaml):")
     for line in DEMO_CONFIG.splitlines():
         echo(f"     {line}")
-    config = parse_config(DEMO_CONFIG, source=root / "merge.yaml")
-    plan = build_plan(config, ResolveOptions(base_dir=root))
     out = root / "merged"
-    try:
-        summary = run_merge(plan, out, force=True, progress=progress)
-    finally:
-        plan.close()
+    summary = merge(root / "merge.yaml", out, force=True, progress=progress)
     echo("   " + summary.text().replace("\n", "\n   "))
 
     from safetensors.torch import load_file

@@ -1,5 +1,5 @@
-"""Executing a plan: stream one tensor at a time (read → merge → cast → write), then the files
-around the weights (config, tokenizer, provenance, model card).
+"""Executing a plan: stream one tensor at a time (read → merge → cast → write) into a sharded
+safetensors writer.
 
 Memory stays bounded by the largest tensor times the number of inputs: each input is a view into
 a memory map whose pages are released once the tensor is written.
@@ -7,7 +7,6 @@ a memory map whose pages are released once the tensor is written.
 
 from __future__ import annotations
 
-import json
 import math
 import queue
 import sys
@@ -18,11 +17,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .api.dtypes import DTYPES
-from .checkpoint import Checkpoint
 from .api.errors import FusionError, MergeError
-from .plan import Plan, TensorPlan
 from .api.strategy import Strategy
-from .writer import ShardedWriter, atomic_folder, copy_support_files
+from .checkpoint import Checkpoint
+from .planner import Plan, TensorPlan
+from .writer import ShardedWriter
 
 KERNELS = ("auto", "c", "torch")
 
@@ -119,6 +118,8 @@ def _merge_one_c(tp: TensorPlan, strategy: Strategy, layout: Checkpoint, threads
                                      release=release)
     except FusionError as exc:
         raise MergeError(f"tensor {tp.name}: {exc}") from None
+    except Exception as exc:
+        raise _plugin_failed(strategy, tp, exc) from exc
     if bad:
         raise _non_finite(tp, bad)
     merged = n * DTYPES[tp.dtype].size
@@ -127,8 +128,22 @@ def _merge_one_c(tp: TensorPlan, strategy: Strategy, layout: Checkpoint, threads
     return full
 
 
-def _merge_one(tp: TensorPlan, fn: Callable, elementwise: bool, layout: Checkpoint) -> Any:
+def _plugin_failed(strategy: Strategy, tp: TensorPlan, exc: Exception) -> MergeError:
+    """A strategy that raised: a bug of the plugin that registered it, named with the tensor."""
+    from .host import registered_by
+
+    info = registered_by("strategy", strategy.name)
+    plugin = f" of plugin {info.title}" if info is not None else ""
+    detail = (str(exc).strip().splitlines() or [""])[0]
+    return MergeError(f"strategy {strategy.name!r}{plugin} raised {type(exc).__name__}"
+                      + (f" ({detail})" if detail else "") + f" on tensor {tp.name}; this is a bug in the "
+                      f"plugin: report it to its authors (--debug shows the traceback)")
+
+
+def _merge_one(tp: TensorPlan, strategy: Strategy, layout: Checkpoint) -> Any:
     import torch
+
+    fn, elementwise = strategy.merge, strategy.elementwise
 
     rows = tp.rows if tp.rows is not None else (tp.shape[0] if tp.shape else 0)
     views = [model.checkpoint.read(info.name) for model, info in tp.merge_sources]
@@ -144,6 +159,8 @@ def _merge_one(tp: TensorPlan, fn: Callable, elementwise: bool, layout: Checkpoi
             result = fn(base, inputs, tp.params, context)
         except FusionError as exc:
             raise MergeError(f"tensor {tp.name}: {exc}") from None
+        except Exception as exc:
+            raise _plugin_failed(strategy, tp, exc) from exc
         target = out[sl]
         if not isinstance(result, torch.Tensor) or result.shape != target.shape:
             got = tuple(result.shape) if isinstance(result, torch.Tensor) else type(result).__name__
@@ -254,8 +271,7 @@ def execute(plan: Plan, folder: Path, *, shard_size: int, kernel: str = "auto",
                     out = _merge_one_c(tp, plan.strategy, plan.layout.checkpoint, threads)
                     fallback += out is None
                 if out is None:
-                    out = _merge_one(tp, plan.strategy.merge, plan.strategy.elementwise,
-                                     plan.layout.checkpoint)
+                    out = _merge_one(tp, plan.strategy, plan.layout.checkpoint)
                 summary.merged += 1
 
             def done(sources=sources, nbytes=tp.nbytes, i=i) -> None:
@@ -278,63 +294,4 @@ def execute(plan: Plan, folder: Path, *, shard_size: int, kernel: str = "auto",
                                f"torch reference")
     summary.bytes_written = total
     summary.seconds = time.perf_counter() - start
-    return summary
-
-
-def write_side_files(plan: Plan, folder: Path) -> None:
-    """config.json (dtype updated), tokenizer/processor files and generation config."""
-    source = plan.layout.folder
-    config = dict(plan.layout.checkpoint.config)
-    if plan.config.out_dtype:
-        name = DTYPES[plan.config.out_dtype].name
-        # transformers 5 writes "dtype", older versions "torch_dtype": update what is there
-        for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]:
-            config[key] = name
-    (folder / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-    copy_support_files(source, folder)
-
-
-def provenance(plan: Plan) -> dict[str, Any]:
-    """Machine-readable record of what was merged, for reproducing the merge exactly."""
-    from . import __version__
-
-    resolved = plan.resolve_options.resolved
-    return {
-        "fusion_version": __version__,
-        "merge_method": plan.strategy.name,
-        "inputs": [{
-            "label": m.label, "reference": m.reference, "path": str(m.folder),
-            "architecture": m.spec.name, "revision": resolved.get(m.reference),
-        } for m in plan.inputs],
-        "config": plan.config.text,
-    }
-
-
-def check_output(plan: Plan, output: Path) -> None:
-    """Never write into, or replace, an input model's folder."""
-    out = output.absolute().resolve()
-    for m in plan.inputs:
-        folder = m.folder.resolve()
-        if out == folder or folder in out.parents or out in folder.parents:
-            raise FusionError(f"output folder {output} overlaps the input model {m.label}; "
-                              f"inputs are never modified: choose another -o")
-
-
-def run_merge(plan: Plan, output: Path, *, force: bool = False, shard_size: int = 5 * 10**9,
-              kernel: str = "auto", threads: int | None = None, progress: bool = True,
-              card: bool = True) -> Summary:
-    """Execute ``plan`` into ``output`` atomically: a failed run leaves nothing behind."""
-    from .card import model_card
-
-    output = Path(output)
-    check_output(plan, output)
-    select_kernel(plan, kernel)  # fail before creating anything
-    with atomic_folder(output, force) as tmp:
-        summary = execute(plan, tmp, shard_size=shard_size, kernel=kernel, threads=threads,
-                          progress=progress)
-        write_side_files(plan, tmp)
-        (tmp / "fusion.json").write_text(json.dumps(provenance(plan), indent=2) + "\n")
-        if card:
-            (tmp / "README.md").write_text(model_card(plan, plan.resolve_options.resolved))
-    summary.output = output
     return summary

@@ -7,14 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from fusion.config import check_parameters, load_config
+import fusion
 from fusion.host import get_strategy
+from fusion.parameters import check_parameters
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def test_viscodex_recipe_is_valid():
-    config = load_config(EXAMPLES / "viscodex.yaml")
+    config = fusion.load(EXAMPLES / "viscodex.yaml")
     check_parameters(config, get_strategy(config.merge_method, "merge_method"))
     assert config.layout_from == "Qwen/Qwen2.5-VL-7B-Instruct" and config.base_model == "Qwen/Qwen2.5-7B"
     assert [(m.reference, m.parameters["weight"]) for m in config.models] == [

@@ -380,7 +380,7 @@ def test_without_transformers_fuse_says_how_to_install_and_merge_still_works(tmp
                            cwd=tmp_path, capture_output=True, text=True)
     assert fused.returncode == 1
     assert fused.stderr.strip() == ("error: `fusion fuse` needs transformers; install it with: "
-                                    "pip install 'fusion[fuse]'")
+                                    "pip install 'model-fusion[fuse]'")
     assert not (tmp_path / "fused").exists()
 
 

@@ -173,7 +173,7 @@ def fetch(reference: str, **options) -> tuple[Path, ResolveOptions]:
     # Never the real Hub: every test talks to 127.0.0.1 only.
     assert huggingface_hub.constants.ENDPOINT.startswith("http://127.0.0.1:")
     opts = ResolveOptions(**options)
-    return resolve(reference, opts, "models[0].model"), opts
+    return resolve(reference, opts, "models[0].model").folder, opts
 
 
 def failure(reference: str, **options) -> str:
@@ -216,10 +216,21 @@ def tiny(hub, tmp_path):
 
 def test_non_hub_references_are_left_to_the_next_resolver(hub, hf_env):
     opts = ResolveOptions()
-    for reference in ["./model", "/abs/model", "org/name/extra", "~/models/x", "just-a-name",
-                      "org/na--me", "org/.hidden"]:
+    for reference in ["./model", "/abs/model", "org/name/extra", "~/models/x", "just-a-name"]:
         assert hub_resolver.resolve_model(reference, opts) is None, reference
     assert hub.requests == [] and opts.resolved == {}
+
+
+@pytest.mark.parametrize("reference", ["org/na--me", "org/.hidden", "org/..", "../..@main"])
+def test_names_the_hub_cannot_have_are_refused(hub, hf_env, reference):
+    """Shaped like org/name but not a name the Hub allows: the Hub resolver is asked last, so
+    nothing else claimed it either; it says why instead of suggesting a resolver plugin."""
+    if not fusion.looks_like_hub_name(reference):
+        assert hub_resolver.resolve_model(reference, ResolveOptions()) is None
+        return
+    with pytest.raises(fusion.FusionError, match="neither a local folder nor a valid Hub model name"):
+        hub_resolver.resolve_model(reference, ResolveOptions())
+    assert hub.requests == []
 
 
 def test_resolves_a_hub_name_to_a_cached_snapshot(hub, cache, tiny):
@@ -315,7 +326,7 @@ def test_revision_pinning_branch_tag_and_commit(hub, cache, tmp_path):
     }
     opts = ResolveOptions()
     for reference, (revision, commit, tensors) in cases.items():
-        folder = resolve(reference, opts, "models[0].model")
+        folder = resolve(reference, opts, "models[0].model").folder
         assert folder.name == commit, reference
         assert_same_tensors(load_file(str(folder / "model.safetensors")), tensors)
         assert opts.resolved[reference] == {"repo": "org/pinned", "revision": revision, "commit": commit}
@@ -330,7 +341,7 @@ def test_second_resolve_makes_no_request(hub, cache, tiny):
     folder, opts = fetch("org/tiny")
 
     hub.clear_requests()
-    assert resolve("org/tiny", opts, "base_model") == folder  # same run: already pinned
+    assert resolve("org/tiny", opts, "base_model").folder == folder  # same run: already pinned
     assert fetch(f"org/tiny@{sha}")[0] == folder  # a commit never changes: cache only
     assert fetch("org/tiny", offline=True)[0] == folder
     assert hub.requests == []
@@ -612,7 +623,7 @@ _SCRIPT = textwrap.dedent("""
     for ref in sys.argv[1:]:
         opts = ResolveOptions()
         try:
-            out[ref] = {"path": str(resolve(ref, opts, "models[0].model")), "pinned": opts.resolved[ref]}
+            out[ref] = {"path": str(resolve(ref, opts, "models[0].model").folder), "pinned": opts.resolved[ref]}
         except fusion.FusionError as exc:
             out[ref] = {"error": str(exc).removeprefix("models[0].model: ")}
     print(json.dumps(out))

@@ -14,10 +14,7 @@ from hypothesis import strategies as st
 
 from checkpoints import DTYPES, Shape, load_folder, random_tensors, save_checkpoint
 from fusion.checkpoint import read_safetensors_header
-from fusion.config import parse_config
-from fusion.stream import run_merge
-from fusion.plan import build_plan
-from fusion import ResolveOptions
+import fusion
 from fusion.api.strategy import TensorContext
 
 OUT_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -39,13 +36,9 @@ def shapes(draw) -> Shape:
 
 
 def merge(root: Path, yaml_text: str, shard_size: int = 10**9) -> Path:
-    config = parse_config(yaml_text, source=root / "merge.yaml")
-    plan = build_plan(config, ResolveOptions(base_dir=root))
+    (root / "merge.yaml").write_text(yaml_text)
     out = root / f"out-{len(list(root.glob('out-*')))}"
-    try:
-        run_merge(plan, out, shard_size=shard_size, progress=False)
-    finally:
-        plan.close()
+    fusion.merge(root / "merge.yaml", out, shard_size=shard_size)
     return out
 
 

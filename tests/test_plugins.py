@@ -177,7 +177,8 @@ def test_plugins_text_lists_the_installed_plugin(plugin_site, tmp_path):
     lines = res.out.splitlines()
     example = next(i for i, line in enumerate(lines) if line.startswith("example "))
     assert DIST_NAME in lines[example] and DIST_VERSION in lines[example] and "installed" in lines[example]
-    block = "\n".join(lines[example:example + 4])
+    end = next((i for i in range(example + 1, len(lines)) if not lines[i].startswith(" ")), len(lines))
+    block = "\n".join(lines[example:end])
     assert "strategy scaled_average: The weighted average of the models, scaled" in block
     assert "https://example.org/scaled-average" in block
     assert re.search(r"weight \(float, per model, default 1\.0 in \(0, 10\]\)", block), block
@@ -204,9 +205,9 @@ def test_plugins_json_describes_the_plugin_and_its_parameters(plugin_site, tmp_p
     assert strategy["base_model"] == "unused"
     assert strategy["parameters"] == [
         {"name": "weight", "type": "number", "default": 1.0, "scope": "per-model", "range": "(0, 10]",
-         "help": "wᵢ, the model's weight"},
+         "help": "wᵢ, the model's weight", "required": False},
         {"name": "scale", "type": "number", "default": 1.0, "scope": "global", "range": "[-2, 2]",
-         "help": "multiplies the average"},
+         "help": "multiplies the average", "required": False},
     ]
     broken = infos["broken"]
     assert broken["distribution"] == DIST_NAME and broken["version"] == DIST_VERSION
@@ -214,7 +215,7 @@ def test_plugins_json_describes_the_plugin_and_its_parameters(plugin_site, tmp_p
     assert broken["error"].startswith("ImportError:") and "nonexistent-dependency" in broken["error"]
     assert broken["strategies"] == [] and broken["hooks"] == []
     for builtin in ("linear", "task_arithmetic"):
-        assert infos[builtin]["error"] is None and infos[builtin]["distribution"] == "fusion"
+        assert infos[builtin]["error"] is None and infos[builtin]["distribution"] == "model-fusion"
 
 
 # --- merging with the installed strategy -----------------------------------------------------

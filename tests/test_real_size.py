@@ -15,9 +15,9 @@ transformers = pytest.importorskip("transformers")
 from fusion.api.architecture import part_of  # noqa: E402
 from fusion.api.dtypes import from_name  # noqa: E402
 from fusion.checkpoint import open_checkpoint, read_safetensors_header  # noqa: E402
-from fusion.config import parse_config  # noqa: E402
-from fusion.plan import build_plan, detect, render  # noqa: E402
-from fusion import ResolveOptions  # noqa: E402
+import fusion  # noqa: E402
+import yaml  # noqa: E402
+from fusion.models import detect  # noqa: E402
 from vlm_models import LAYOUTS, hub_name, rewrite_layout, text_config, vlm_class, vlm_config  # noqa: E402
 
 CONFIGS = Path(__file__).parent / "data" / "real_configs"
@@ -117,22 +117,19 @@ def test_viscodex_plan_at_real_size(tmp_path):
     recipe = (f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
               f"  - model: {vlm}\n    parameters: {{weight: 0.7}}\n  - model: {code}\n    parameters: {{weight: 0.3}}\n"
               f"layout_from: {vlm}\n")
-    plan = build_plan(parse_config(recipe), ResolveOptions(base_dir=tmp_path))
-    try:
+    with fusion.plan(yaml.safe_load(recipe), base_dir=tmp_path) as plan:
         names = list(read_safetensors_header(vlm / "model.safetensors"))
         assert [t.name for t in plan.tensors] == names
         merged = [t for t in plan.tensors if t.action == "merge"]
         assert len(merged) == 339 and all(part_of(t.role) == "language_model" for t in merged)
         assert {t.role for t in plan.tensors if t.action == "carry"} == {"vision_tower", "projector"}
         assert all(t.params == {"weight": [0.7, 0.3], "lambda": 1.0, "normalize": False} for t in merged)
-        text = render(plan)
+        text = plan.render()
         headings = [line.split(",")[0] for line in text.splitlines() if line.startswith("== ")]
         assert headings == ["== language model: 339 tensors", "== vision tower: 385 tensors", "== projector: 5 tensors"]
         assert "== vision tower: 385 tensors, 0 merged; 385 carried" in text
         assert "== projector: 5 tensors, 0 merged; 5 carried" in text
         assert f"{sum(t.nbytes for t in plan.tensors) / 1e6:,.1f} MB" in text
-    finally:
-        plan.close()
 
 
 def test_llava_plan_at_real_size_carries_the_image_token_rows(tmp_path):
@@ -143,13 +140,10 @@ def test_llava_plan_at_real_size_carries_the_image_token_rows(tmp_path):
     base = checkpoint_of(tmp_path, "vicuna-7b-v1.5", config=vicuna)
     llava = checkpoint_of(tmp_path, "llava-1.5-7b-hf", "transformers4.52", config=llava_config)
     recipe = f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: {llava}\nlayout_from: {llava}\n"
-    plan = build_plan(parse_config(recipe), ResolveOptions(base_dir=tmp_path))
-    try:
+    with fusion.plan(yaml.safe_load(recipe), base_dir=tmp_path) as plan:
         vocab = {t.name: t for t in plan.tensors if t.role in ("embedding", "lm_head")}
         assert set(vocab) == {"model.language_model.embed_tokens.weight", "lm_head.weight"}
         assert all(t.rows == 32000 and t.shape == (32064, 4096) for t in vocab.values())
         assert sum(t.action == "merge" for t in plan.tensors) == 291
         assert {t.role for t in plan.tensors if t.action == "carry"} == {"vision_tower", "projector"}
         assert any("rows 32000..32063 (64) carried" in n for n in plan.notices)
-    finally:
-        plan.close()

@@ -14,11 +14,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+import fusion  # noqa: E402
 from fusion.config import parse_config  # noqa: E402
-from fusion.stream import run_merge  # noqa: E402
 from fusion.api.errors import ConfigError, MergeError  # noqa: E402
-from fusion.plan import build_plan  # noqa: E402
-from fusion import ResolveOptions  # noqa: E402
 from vlm_models import (LAYOUTS, build_text, build_vlm, file_tensors, image_inputs, language_pairs,  # noqa: E402
                         text_config, vlm_class, vlm_config)
 
@@ -38,11 +36,9 @@ def viscodex_yaml(vlm: str = "vlm", **extra) -> str:
 
 
 def merge(root: Path, yaml_text: str, out: str = "out"):
-    plan = build_plan(parse_config(yaml_text, source=root / "merge.yaml"), ResolveOptions(base_dir=root))
-    try:
-        summary = run_merge(plan, root / out, shard_size=10_000, progress=False)
-    finally:
-        plan.close()
+    (root / "merge.yaml").write_text(yaml_text)
+    with fusion.plan(root / "merge.yaml", weights=True) as plan:
+        summary = fusion.pipeline.write(plan, root / out, shard_size=10_000)
     return plan, summary
 
 
@@ -178,7 +174,7 @@ def test_vision_tower_of_a_text_model_is_an_error(tmp_path, text_models):
     config = parse_config(viscodex_yaml(merge_parts=["language_model", "projector"]), source=tmp_path / "m.yaml")
     with pytest.raises(MergeError, match=r"visual\.merger\..* is missing in base_model .*remove projector from "
                                          r"merge_parts"):
-        build_plan(config, ResolveOptions(base_dir=tmp_path))
+        fusion.plan(config).close()
     with pytest.raises(ConfigError, match=r"merge_parts\[1\].*unknown part 'vision'"):
         parse_config(viscodex_yaml(merge_parts=["language_model", "vision"]))
 
@@ -213,7 +209,7 @@ def test_unmatched_tensors_fail_unless_carried(tmp_path, text_models):
     config = parse_config(viscodex_yaml(), source=tmp_path / "m.yaml")
     with pytest.raises(MergeError, match=r"model\.layers\.0\.self_attn\.k_proj\.bias .* is missing in base_model "
                                          r".*carry_unmatched: true"):
-        build_plan(config, ResolveOptions(base_dir=tmp_path))
+        fusion.plan(config).close()
     plan, summary = merge(tmp_path, viscodex_yaml(carry_unmatched=True))
     biases = [t for t in plan.tensors if t.role == "layer" and t.name.endswith("proj.bias")]
     assert len(biases) == 6 and all(t.action == "carry" for t in biases)

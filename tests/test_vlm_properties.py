@@ -16,10 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 from safetensors.torch import save_file  # noqa: E402
 
-from fusion.config import parse_config  # noqa: E402
-from fusion.stream import run_merge  # noqa: E402
-from fusion.plan import build_plan  # noqa: E402
-from fusion import ResolveOptions  # noqa: E402
+import fusion  # noqa: E402
 from test_merge_properties import assert_within_rounding  # noqa: E402
 from vlm_models import LAYOUTS, file_tensors, hub_name, language_pairs, text_config, vlm_class, vlm_config  # noqa: E402
 
@@ -79,11 +76,8 @@ def test_vlm_backbone_merge_equals_formula(family, layout_pick, layers, heads, k
                   f"  - model: ./vlm\n    parameters: {{weight: {weights[0]}}}\n"
                   f"  - model: ./code\n    parameters: {{weight: {weights[1]}}}\n"
                   f"parameters: {{lambda: {lam}}}\nlayout_from: ./vlm\n")
-        plan = build_plan(parse_config(recipe, source=root / "m.yaml"), ResolveOptions(base_dir=root))
-        try:
-            run_merge(plan, root / "out", shard_size=10**9, progress=False)
-        finally:
-            plan.close()
+        (root / "m.yaml").write_text(recipe)
+        fusion.merge(root / "m.yaml", root / "out", force=True)
         out = file_tensors(root / "out")
 
         assert list(out) == list(vlm_files) or set(out) == set(vlm_files)

@@ -25,6 +25,9 @@ CARRIED_BY_DEFAULT = frozenset({"vision_tower", "projector"})
 #: The parts of a model, as a config's ``merge_parts`` names them; ``other`` (tensors no rule
 #: names) is not a part and follows the spec's default.
 PARTS = ("language_model", "vision_tower", "projector")
+#: How messages name the parts (and tensors outside them).
+PART_NAMES = {"language_model": "language model", "vision_tower": "vision tower",
+              "projector": "projector", "other": "other tensors"}
 
 
 def part_of(role: str) -> str:

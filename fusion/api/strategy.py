@@ -76,6 +76,10 @@ class Strategy:
     #: True when each output element depends only on the inputs at the same position; the host
     #: then merges large tensors in row chunks, so memory does not grow with tensor size.
     elementwise: bool = False
+    #: True when the strategy draws random numbers (from ``context.seed``, see
+    #: :mod:`fusion.api.random`); the host then draws a ``random_seed`` when the config has none
+    #: and reports it, so the merge can be repeated.
+    random: bool = False
 
     def merge(
         self,

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..api.dtypes import output_dtype
-from ..config import _check_value, model_reference, parse_yaml
 from ..api.errors import ConfigError
+from ..configfile import Document, Problems, model_reference, parse_document, read_document
 
 TOP_LEVEL_KEYS = ("pivot", "sources", "data", "eval_data", "representations", "alignment",
                   "fusion_function", "training", "merge")
@@ -53,21 +53,15 @@ class FuseConfig:
     merge_parameters: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_SCE))
     source: Path | None = None
     text: str = ""
-
-    @property
-    def base_dir(self) -> Path:
-        return self.source.resolve().parent if self.source else Path.cwd()
+    base_dir: Path = field(default_factory=Path.cwd)
 
 
 def load_fuse_config(path: str | Path) -> FuseConfig:
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError("", f"config file {str(path)!r} does not exist; check the path") from None
-    except OSError as exc:
-        raise ConfigError("", f"cannot read config file {str(path)!r}: {exc.strerror}") from None
-    return parse_fuse_config(text, source=path)
+    return _from_document(read_document(path))
+
+
+def parse_fuse_config(text: str, source: Path | None = None) -> FuseConfig:
+    return _from_document(parse_document(text, source))
 
 
 def _number(value: Any, kind: type, path: str, lines: Mapping[str, int], *, minimum: float | None = None,
@@ -84,69 +78,71 @@ def _number(value: Any, kind: type, path: str, lines: Mapping[str, int], *, mini
     return value
 
 
-def _section(data: Mapping, key: str, cls: type, lines: Mapping[str, int], checks: dict) -> Any:
-    raw = data.get(key) or {}
-    if not isinstance(raw, Mapping):
-        raise ConfigError(key, f"must be a mapping such as {{{next(iter(checks))}: ...}}", lines.get(key))
+def _section(data: Mapping, key: str, cls: type, problems: Problems, checks: dict) -> Any:
+    raw = problems.mapping(data.get(key), key, f"{{{next(iter(checks))}: ...}}")
+    problems.known_keys(raw, tuple(checks), key)
     values = {}
     for name, value in raw.items():
-        path = f"{key}.{name}"
-        if name not in checks:
-            raise ConfigError(path, f"unknown key; allowed keys: {', '.join(checks)}", lines.get(path))
-        values[name] = checks[name](value, path)
+        if name in checks:
+            with problems.collect():
+                values[name] = checks[name](value, f"{key}.{name}")
     return cls(**values)
 
 
-def parse_fuse_config(text: str, source: Path | None = None) -> FuseConfig:
-    from ..host import alignments, fusion_functions, get_strategy
+def _from_document(doc: Document) -> FuseConfig:
+    from ..host import alignments, fusion_functions, strategies
 
-    data, lines = parse_yaml(text, str(source or "config"))
-
-    def err(p: str, message: str) -> ConfigError:
-        return ConfigError(p, message, lines.get(p))
-
+    data, lines = doc.data, doc.lines
     if not isinstance(data, Mapping):
-        raise ConfigError("", f"{source or 'config'}: a fuse config is a YAML mapping with pivot, sources "
+        raise ConfigError("", f"{doc.name}: a fuse config is a YAML mapping with pivot, sources "
                               f"and data; see docs/fuse.md for an example")
-    for key in data:
-        if key not in TOP_LEVEL_KEYS:
-            raise err(str(key), f"unknown key; allowed keys: {', '.join(TOP_LEVEL_KEYS)}")
+    problems = Problems(lines)
+    problems.known_keys(data, TOP_LEVEL_KEYS)
 
+    def reference(value: Any, path: str) -> str | None:
+        with problems.collect():
+            return model_reference(value, path, lines)
+        return None
+
+    pivot = None
     if "pivot" not in data:
-        raise err("pivot", "pivot is required: the model every target starts from (a path or Hub name)")
-    pivot = model_reference(data["pivot"], "pivot", lines)
+        problems.add("pivot", "pivot is required: the model every target starts from (a path or Hub name)")
+    else:
+        pivot = reference(data["pivot"], "pivot")
     raw_sources = data.get("sources")
     if not isinstance(raw_sources, list) or not raw_sources:
-        raise err("sources", "sources must be a non-empty list of entries like `- model: ./source-model`")
+        problems.add("sources", "sources must be a non-empty list of entries like `- model: ./source-model`")
+        raw_sources = []
     sources = []
     for i, entry in enumerate(raw_sources):
         p = f"sources[{i}]"
         if isinstance(entry, str):
             entry = {"model": entry}
         if not isinstance(entry, Mapping) or "model" not in entry:
-            raise err(p, "each source needs a `model:` (a path or Hub name)")
-        for key in entry:
-            if key != "model":
-                raise err(f"{p}.{key}", "unknown key; a source entry has only `model`")
-        sources.append(model_reference(entry["model"], f"{p}.model", lines))
-
-    base = source.resolve().parent if source else Path.cwd()
+            problems.add(p, "each source needs a `model:` (a path or Hub name)")
+            continue
+        problems.known_keys(entry, ("model",), p, "a source entry has only")
+        sources.append(reference(entry["model"], f"{p}.model"))
 
     def data_file(key: str) -> Path | None:
         value = data.get(key)
         if value is None:
             return None
         if not isinstance(value, str) or not value.strip():
-            raise err(key, f"must be the path of a JSONL file, not {value!r}")
-        file = (base / Path(value).expanduser())
+            problems.add(key, f"must be the path of a JSONL file, not {value!r}")
+            return None
+        file = (doc.base_dir / Path(value).expanduser())
         if not file.is_file():
-            raise err(key, f"data file {str(file)!r} does not exist; check the path "
-                           f"(relative paths are taken from the config file's folder)")
+            problems.add(key, f"data file {str(file)!r} does not exist; check the path "
+                              f"(relative paths are taken from the config file's folder)")
+            return None
         return file
 
+    train_file = None
     if data.get("data") is None:
-        raise err("data", "data is required: a JSONL file of chat `messages`, `prompt`/`response` or `text`")
-    train_file = data_file("data")
+        problems.add("data", "data is required: a JSONL file of chat `messages`, `prompt`/`response` or `text`")
+    else:
+        train_file = data_file("data")
 
     def integer(v, p, **kw):
         return _number(v, int, p, lines, **kw)
@@ -154,7 +150,7 @@ def parse_fuse_config(text: str, source: Path | None = None) -> FuseConfig:
     def number(v, p, **kw):
         return _number(v, float, p, lines, **kw)
 
-    reps = _section(data, "representations", RepresentationSettings, lines, {
+    reps = _section(data, "representations", RepresentationSettings, problems, {
         "top_k": lambda v, p: integer(v, p, positive=True),
         "max_length": lambda v, p: integer(v, p, minimum=2, maximum=1 << 20),
         "batch_size": lambda v, p: integer(v, p, positive=True),
@@ -163,10 +159,10 @@ def parse_fuse_config(text: str, source: Path | None = None) -> FuseConfig:
     def dtype(v, p):
         found = output_dtype(v)
         if found is None:
-            raise err(p, f"unknown dtype {v!r}; use float32, bfloat16 or float16")
+            raise ConfigError(p, f"unknown dtype {v!r}; use float32, bfloat16 or float16", lines.get(p))
         return found.name
 
-    training = _section(data, "training", Training, lines, {
+    training = _section(data, "training", Training, problems, {
         "lm_loss_weight": lambda v, p: number(v, p, minimum=0.0, maximum=1.0),
         "epochs": lambda v, p: integer(v, p, positive=True),
         "learning_rate": lambda v, p: number(v, p, positive=True),
@@ -181,53 +177,54 @@ def parse_fuse_config(text: str, source: Path | None = None) -> FuseConfig:
     # alignment: a name, or {method: name, fallback: pivot|gold}
     alignment, fallback = data.get("alignment", "statistics"), "pivot"
     if isinstance(alignment, Mapping):
-        for key in alignment:
-            if key not in ("method", "fallback"):
-                raise err(f"alignment.{key}", "unknown key; alignment has `method` and `fallback`")
+        problems.known_keys(alignment, ("method", "fallback"), "alignment", "alignment has")
         fallback = alignment.get("fallback", "pivot")
         if fallback not in ("pivot", "gold"):
-            raise err("alignment.fallback", f"fallback {fallback!r} is unknown; use pivot (the pivot's own "
-                                            f"distribution) or gold (the one-hot gold token)")
+            problems.add("alignment.fallback", f"fallback {fallback!r} is unknown; use pivot (the pivot's own "
+                                               f"distribution) or gold (the one-hot gold token)")
         alignment = alignment.get("method", "statistics")
     known = alignments()
     if alignment not in known:
-        raise err("alignment", f"unknown alignment {alignment!r}; known: {', '.join(sorted(known))} "
-                               f"(`fusion plugins` lists them)")
+        problems.add("alignment", f"unknown alignment {alignment!r}; known: {', '.join(sorted(known))} "
+                                  f"(`fusion plugins` lists them)")
     function = data.get("fusion_function", "min_ce")
     known = fusion_functions()
     if function not in known:
-        raise err("fusion_function", f"unknown fusion function {function!r}; known: "
-                                     f"{', '.join(sorted(known))} (`fusion plugins` lists them)")
+        problems.add("fusion_function", f"unknown fusion function {function!r}; known: "
+                                        f"{', '.join(sorted(known))} (`fusion plugins` lists them)")
 
-    merge = data.get("merge") or {}
-    if not isinstance(merge, Mapping):
-        raise err("merge", "merge must be a mapping such as {method: sce, parameters: {select_topk: 0.1}}")
-    for key in merge:
-        if key not in ("method", "parameters"):
-            raise err(f"merge.{key}", "unknown key; merge has `method` and `parameters`")
+    merge = problems.mapping(data.get("merge"), "merge", "{method: sce, parameters: {select_topk: 0.1}}")
+    problems.known_keys(merge, ("method", "parameters"), "merge", "merge has")
     method = merge.get("method", "sce")
-    strategy = get_strategy(method, "merge.method", lines.get("merge.method"))
-    params = merge.get("parameters", dict(DEFAULT_SCE) if method == "sce" else {})
-    if not isinstance(params, Mapping):
-        raise err("merge.parameters", "parameters must be a mapping such as {select_topk: 0.1}")
-    for key, value in params.items():
-        path = f"merge.parameters.{key}"
-        param = strategy.param(key)
-        if param is None:
-            names = ", ".join(p.name for p in strategy.parameters) or "none"
-            raise err(path, f"unknown parameter {key!r} for {strategy.name}; its parameters are: {names}")
-        _check_value(param, value, path, lines)
+    params = problems.mapping(merge.get("parameters", dict(DEFAULT_SCE) if method == "sce" else {}),
+                              "merge.parameters", "{select_topk: 0.1}")
+    strategy = strategies().get(method) if isinstance(method, str) else None
+    if strategy is None:
+        problems.add("merge.method", f"unknown merge method {method!r}; known methods: "
+                                     f"{', '.join(sorted(strategies()))} (`fusion plugins` lists them)")
+    else:
+        names = ", ".join(p.name for p in strategy.parameters) or "none"
+        for key, value in params.items():
+            path = f"merge.parameters.{key}"
+            param = strategy.param(key)
+            if param is None:
+                problems.add(path, f"unknown parameter {key!r} for {strategy.name}; its parameters are: {names}")
+                continue
+            with problems.collect():
+                param.check_value(value, path, lines)
 
     eval_fraction = 0.1
     eval_file = None
     raw_eval = data.get("eval_data")
     if isinstance(raw_eval, (int, float)) and not isinstance(raw_eval, bool):
-        eval_fraction = number(raw_eval, "eval_data", minimum=0.0, maximum=0.5)
+        with problems.collect():
+            eval_fraction = number(raw_eval, "eval_data", minimum=0.0, maximum=0.5)
     else:
         eval_file = data_file("eval_data")
-
+    problems.done()
     return FuseConfig(
         pivot=pivot, sources=sources, data=train_file, eval_data=eval_file, eval_fraction=eval_fraction,
         representations=reps, alignment=alignment, fallback=fallback, fusion_function=function,
-        training=training, merge_method=method, merge_parameters=dict(params), source=source, text=text,
+        training=training, merge_method=method, merge_parameters=dict(params), source=doc.source,
+        text=doc.text, base_dir=doc.base_dir,
     )

@@ -160,6 +160,6 @@ def fuse(pivot: Representations, aligned: Aligned, source_ce: np.ndarray, functi
 
 
 def targets_key(*parts) -> str:
-    from .. import __version__
+    from ..version import __version__
 
     return hashlib.sha256(json.dumps([__version__, *parts], sort_keys=True, default=str).encode()).hexdigest()

@@ -13,7 +13,7 @@ def transformers():
     try:
         import transformers as tf
     except ImportError:
-        raise FusionError("`fusion fuse` needs transformers; install it with: pip install 'fusion[fuse]'") from None
+        raise FusionError("`fusion fuse` needs transformers; install it with: pip install 'model-fusion[fuse]'") from None
     tf.utils.logging.disable_progress_bar()  # one bar per tiny load drowns the stage messages
     return tf
 

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from ..api.errors import FusionError
 from ..api.resolver import ResolveOptions, looks_like_hub_name
-from ..resolve import resolve
+from ..resolve import ResolvedModel, resolve
 from .config import FuseConfig, load_fuse_config
 
 STAGES = ("represent", "fuse", "train", "merge")
@@ -42,12 +42,25 @@ def unique_names(references: list[str]) -> list[str]:
 
 @dataclass
 class Model:
-    label: str  # where the config names it: "pivot", "sources[1]"
-    reference: str
-    folder: Path
+    """A model of the fusion: the resolved model and what the stages keep of it."""
+
+    source: ResolvedModel
     name: str  # file-system name: targets/<pivot>-<source>, cache/represent-<name>
     tokenizer: Any = None
     key: str = ""  # of its representations
+
+    @property
+    def label(self) -> str:
+        """Where the config names it: "pivot", "sources[1]"."""
+        return self.source.where.removesuffix(".model")
+
+    @property
+    def reference(self) -> str:
+        return self.source.reference
+
+    @property
+    def folder(self) -> Path:
+        return self.source.folder
 
 
 @dataclass
@@ -124,6 +137,7 @@ def run_fuse(config_path: str | Path, output: Path, *, until: str | None = None,
 
 def _open(config: FuseConfig, output: Path, force: bool, options: ResolveOptions, echo) -> Run:
     """Resolve the models (process 0 first, so a download happens once), load tokenizers and data."""
+    from ..writer import check_output
     from . import models, train
     from .data import load_examples, split
 
@@ -131,18 +145,11 @@ def _open(config: FuseConfig, output: Path, force: bool, options: ResolveOptions
     if rank:
         train.barrier()
     refs = [("pivot", config.pivot)] + [(f"sources[{i}].model", r) for i, r in enumerate(config.sources)]
-    folders = [resolve(ref, options, where) for where, ref in refs]
+    resolved = [resolve(ref, options, where) for where, ref in refs]
     if not rank:
         train.barrier()
-    names = unique_names([r for _, r in refs])
-    entries = [Model(where.removesuffix(".model"), ref, folder, name)
-               for (where, ref), folder, name in zip(refs, folders, names)]
-    out = output.absolute().resolve()
-    for m in entries:
-        folder = m.folder.resolve()
-        if out == folder or folder in out.parents or out in folder.parents:
-            raise FusionError(f"output folder {output} overlaps the model {m.label} ({m.reference}); "
-                              f"inputs are never modified: choose another -o")
+    entries = [Model(r, name) for r, name in zip(resolved, unique_names([r for _, r in refs]))]
+    check_output(output, [(f"{m.label} ({m.reference})", m.folder) for m in entries])
     if not rank:
         if force:
             for sub in ("cache", "targets", "merged"):
@@ -326,12 +333,8 @@ def _train(run: Run) -> None:
 
 def _merge(run: Run) -> Path | None:
     """Stage 4: merge the targets with the configured strategy, the pivot as base."""
-    import yaml
-
-    from ..config import parse_config
-    from ..stream import run_merge
-    from ..plan import build_plan
     from ..host import get_strategy
+    from ..pipeline import merge
     from .report import merged_note
 
     t0 = time.perf_counter()
@@ -348,13 +351,8 @@ def _merge(run: Run) -> Path | None:
     doc["models"] = [{"model": str(t.resolve())} for t in targets]
     if c.merge_parameters:
         doc["parameters"] = c.merge_parameters
-    plan = build_plan(parse_config(yaml.safe_dump(doc, sort_keys=False)),
-                      ResolveOptions(base_dir=run.output, offline=True))
     merged = run.output / "merged"
-    try:
-        summary = run_merge(plan, merged, force=True, progress=False)
-    finally:
-        plan.close()
+    summary = merge(doc, merged, force=True, offline=True, base_dir=run.output)
     card = merged / "README.md"
     if card.is_file():
         card.write_text(card.read_text() + merged_note([str(t.relative_to(run.output)) for t in targets]))

@@ -56,7 +56,7 @@ class Representations:
 
 
 def cache_key(model_fingerprint: str, examples: list[Example], top_k: int, max_length: int) -> str:
-    from .. import __version__
+    from ..version import __version__
 
     h = hashlib.sha256(json.dumps({"version": [VERSION, __version__], "model": model_fingerprint, "top_k": top_k,
                                    "max_length": max_length}).encode())
