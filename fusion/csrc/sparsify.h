@@ -4,9 +4,9 @@
  * the counting passes of select.h) and a block step (sparsify_block: keep[j] for one model's
  * entries, in any thread, from a per-thread cursor). A merge that composes with it
  * (sparse_merge.c) only ever sees keep[]. New modes slot in here:
- *   - random drop with rescale (DARE): keep with probability 1 − pᵢ from a counter-based
- *     generator of (seed, model, position), so that any thread can draw any block, and rescale
- *     the kept entries by 1/(1 − pᵢ);
+ *   - random drop with rescale (DARE): keep with probability 1 − pᵢ, drawn by the generator of
+ *     fusion.api.random (SplitMix64 of seed + (i + 1)·γ, keyed by the element index alone, so
+ *     that any thread can draw any block exactly), and rescale the kept entries by 1/(1 − pᵢ);
  *   - a magnitude band (breadcrumbs): two selectors per model, drop the top βᵢ and keep the
  *     next γᵢ by |δᵢ|;
  *   - rank-based drop probabilities (DELLA): keep probabilities from the rank of |δᵢ|.
