@@ -1,5 +1,6 @@
 """The C kernels against the torch reference: same selection masks, results within one unit in
-the last place of the output dtype, exact conversions; and how the engine chooses kernels.
+the last place of the output dtype, exact conversions (how the engine chooses kernels:
+test_kernel_choice.py).
 
 The C tests are skipped only where the extension is genuinely not built, and never when
 FUSION_REQUIRE_C=1 (set by CI), where a missing extension fails the run.
@@ -16,7 +17,6 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from checkpoints import Shape, load_folder, random_tensors, save_checkpoint
 from fusion.api import kernels
 from fusion.checkpoint import Checkpoint, open_checkpoint
 from fusion.plugins.linear import Linear
@@ -202,7 +202,8 @@ def test_ties_equals_reference(case, data):
     ks = [topk_count(d, n) for d in densities]
     out = torch.empty(n, dtype=out_dtype)
     masks = [torch.empty(n, dtype=torch.bool) for _ in models]
-    kernels.ties(out, base, models, weights, ks, lam=lam, normalize=normalize, threads=2, masks=masks)
+    kernels.trimmed_sign_merge(out, base, models, weights, ks, scale=lam, normalize=normalize, threads=2,
+                               masks=masks)
     for mask, model, k in zip(masks, models, ks):
         assert torch.equal(mask, topk_mask((model.float() - base.float()).abs(), k))
     params = {"weight": weights, "density": densities, "lambda": lam, "normalize": normalize}
@@ -216,7 +217,8 @@ def test_sce_equals_reference(case, tau, scope, lam):
     n = base.numel()
     out = torch.empty(n, dtype=out_dtype)
     mask = torch.empty(n, dtype=torch.bool)
-    kernels.sce(out, base, models, tau=tau, scope_all=scope == "all", lam=lam, threads=2, mask=mask)
+    kernels.variance_selected_merge(out, base, models, fraction=tau, mask_deltas=scope == "all", scale=lam,
+                                    threads=2, mask=mask)
     if tau < 1:
         variance = _population_variance([m.float() - base.float() for m in models])
         expected = topk_mask(variance, topk_count(tau, int(torch.count_nonzero(variance))))
@@ -225,6 +227,84 @@ def test_sce_equals_reference(case, tau, scope, lam):
     assert torch.equal(mask, expected)
     params = {"select_topk": tau, "select_scope": scope, "lambda": lam}
     assert_within_one_ulp(out, reference(Sce(), base, models, params, out_dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks beyond what the built-in strategies use
+
+
+def sign_merge_reference(base, models, weights, ks, scale, normalize, elect):
+    """trimmed_sign_merge's formula in torch, with or without the sign election."""
+    b = base.float()
+    deltas = [m.float() - b for m in models]
+    weighted = [w * torch.where(topk_mask(d.abs(), min(k, d.numel())), d, 0.0)
+                for w, d, k in zip(weights, deltas, ks)]
+    if elect:
+        elected = torch.where(sum(weighted) >= 0, 1.0, -1.0)
+        agrees = [torch.sign(x) == elected for x in weighted]
+    else:
+        agrees = [torch.ones_like(b, dtype=torch.bool) for _ in weighted]
+    total = sum(torch.where(m, x, 0.0) for m, x in zip(agrees, weighted))
+    if normalize:
+        divisor = sum(torch.where(m, w, 0.0) for m, w in zip(agrees, weights))
+        total = total / torch.where(divisor == 0, 1.0, divisor)
+    return b + scale * total
+
+
+@needs_c
+@given(inputs(), st.data())
+def test_trimmed_sign_merge_with_and_without_the_election(case, data):
+    base, models, out_dtype = case
+    n = base.numel()
+    weights = data.draw(st.lists(weights_st, min_size=len(models), max_size=len(models)))
+    ks = data.draw(st.lists(st.integers(0, n + 2), min_size=len(models), max_size=len(models)))
+    scale, normalize, elect = data.draw(lambdas), data.draw(st.booleans()), data.draw(st.booleans())
+    out = torch.empty(n, dtype=out_dtype)
+    masks = [torch.empty(n, dtype=torch.bool) for _ in models]
+    kernels.trimmed_sign_merge(out, base, models, weights, ks, scale=scale, normalize=normalize,
+                               elect_signs=elect, threads=2, masks=masks)
+    for mask, model, k in zip(masks, models, ks):
+        assert torch.equal(mask, topk_mask((model.float() - base.float()).abs(), min(k, n)))
+    expected = sign_merge_reference(base, models, weights, ks, scale, normalize, elect)
+    assert_within_one_ulp(out, expected.to(out_dtype))
+
+
+@needs_c
+@given(inputs(), st.data())
+def test_weighted_sum_without_a_base_scales_the_sum(case, data):
+    _, models, out_dtype = case
+    weights = data.draw(st.lists(weights_st, min_size=len(models), max_size=len(models)))
+    scale = data.draw(lambdas)
+    params = {"weight": weights, "normalize": data.draw(st.booleans()) and abs(sum(weights)) >= 1e-8}
+    out = torch.empty(models[0].numel(), dtype=out_dtype)
+    kernels.weighted_sum(out, models, weights, scale=scale, normalize=params["normalize"], threads=2)
+    expected = Linear().merge(None, [m.float() for m in models], params, CTX)
+    assert_within_one_ulp(out, (expected if scale == 1.0 else expected * scale).to(out_dtype))
+
+
+@needs_c
+def test_building_blocks_reject_mismatched_arguments():
+    base, models = torch.zeros(8), [torch.ones(8), torch.ones(8)]
+    out = torch.empty(8)
+    with pytest.raises(ValueError, match="weights"):
+        kernels.trimmed_sign_merge(out, base, models, [1.0], [4, 4])
+    with pytest.raises(ValueError, match="2 models"):
+        kernels.trimmed_sign_merge(out, base, models, [1.0, 1.0], [4])
+    with pytest.raises(ValueError, match="expected 8 elements"):
+        kernels.weighted_sum(out, [torch.ones(9)], [1.0])
+    with pytest.raises(ValueError, match="inputs"):
+        kernels.variance_selected_merge(out, base, [], fraction=0.5)
+    with pytest.raises(TypeError, match="not supported"):
+        kernels.weighted_sum(out, [torch.ones(8, dtype=torch.float64)], [1.0])
+
+
+def test_the_building_blocks_are_documented_and_name_no_strategy():
+    from fusion.host import strategies
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "plugins.md").read_text()
+    for name in kernels.__all__:
+        assert f"`{name}" in doc, f"fusion.api.kernels.{name} is not in docs/plugins.md"
+        assert name not in strategies(), f"fusion.api.kernels.{name} is named after a strategy"
 
 
 def _big_family(n: int, seed: int):
@@ -245,8 +325,8 @@ def test_many_threads_and_ties_on_a_larger_tensor(threads):
     masks = [torch.empty(n, dtype=torch.bool) for _ in models]
     params = {"weight": [1.0, 0.5, 0.7], "density": [0.5, 0.3, 0.77], "lambda": 0.9, "normalize": True}
     ks = [topk_count(d, n) for d in params["density"]]
-    kernels.ties(out, base, models, params["weight"], ks, lam=0.9, normalize=True, threads=threads,
-                 masks=masks)
+    kernels.trimmed_sign_merge(out, base, models, params["weight"], ks, scale=0.9, normalize=True,
+                               threads=threads, masks=masks)
     for mask, model, k in zip(masks, models, ks):
         assert torch.equal(mask, topk_mask((model.float() - base.float()).abs(), k))
     assert_within_one_ulp(out, reference(Ties(), base, models, params, torch.bfloat16))
@@ -254,8 +334,8 @@ def test_many_threads_and_ties_on_a_larger_tensor(threads):
     variance = _population_variance(deltas)
     for tau in (0.1, 0.7):
         mask = torch.empty(n, dtype=torch.bool)
-        _, energies = kernels.sce(out, base, models, tau=tau, scope_all=True, lam=1.0, threads=threads,
-                                  mask=mask)
+        _, energies = kernels.variance_selected_merge(out, base, models, fraction=tau, mask_deltas=True,
+                                                      scale=1.0, threads=threads, mask=mask)
         params = {"select_topk": tau, "select_scope": "all", "lambda": 1.0}
         assert_within_one_ulp(out, reference(Sce(), base, models, params, torch.bfloat16))
         selected = topk_mask(variance, topk_count(tau, int(torch.count_nonzero(variance))))
@@ -291,159 +371,12 @@ def test_released_file_maps_still_read_correctly(tmp_path):
     assert before == [(tmp_path / f"m{i}" / "model.safetensors").read_bytes() for i in range(4)]
 
 
-# ---------------------------------------------------------------------------------------------
-# The engine's choice of kernels
-
-
-@pytest.fixture
-def family(tmp_path):
-    """A Qwen2 base (vocab 26) and two fine-tunes (vocab 20 and 26): mixed vocabulary rows."""
-    big, small = Shape(vocab=26, intermediate=40, heads=4, head_dim=8), Shape(vocab=20, intermediate=40,
-                                                                             heads=4, head_dim=8)
-    base = random_tensors(big, "bfloat16", 1)
-    save_checkpoint(tmp_path / "base", big, "bfloat16", base)
-    save_checkpoint(tmp_path / "a", small, "bfloat16", random_tensors(small, "bfloat16", 2,
-                    like={k: v[:20] if k.endswith("embed_tokens.weight") or k.startswith("lm_head")
-                          else v for k, v in base.items()}))
-    save_checkpoint(tmp_path / "b", big, "float32", random_tensors(big, "float32", 3, like=base))
-    return tmp_path
-
-
-CONFIGS = {
-    "ties": "parameters: {density: 0.4, weight: 0.7}",
-    "sce": "parameters: {select_topk: 0.3}",
-    "task_arithmetic": "parameters: {weight: 0.5, lambda: 0.8}",
-    "linear": "parameters: {weight: 0.5}",
-}
-
-
-def _config(root: Path, method: str) -> Path:
-    base = "" if method == "linear" else "base_model: ./base\n"
-    models = "  - model: ./base\n" if method == "linear" else ""
-    path = root / f"{method}.yaml"
-    path.write_text(f"merge_method: {method}\n{base}models:\n{models}  - model: ./a\n  - model: ./b\n"
-                    f"{CONFIGS.get(method, '')}\n")
-    return path
-
-
-def _cli(*argv) -> tuple[int, str]:
-    import subprocess
-    import sys
-
-    proc = subprocess.run([sys.executable, "-m", "fusion", *map(str, argv)], capture_output=True, text=True)
-    return proc.returncode, proc.stdout + proc.stderr
-
-
-@needs_c
-@pytest.mark.parametrize("method", ["ties", "sce", "task_arithmetic", "linear"])
-def test_c_and_torch_merges_agree(family, method):
-    from fusion.cli import main
-
-    cfg = _config(family, method)
-    main(["merge", str(cfg), "-o", str(family / f"{method}-c"), "--kernel", "c", "--threads", "3", "-q"])
-    main(["merge", str(cfg), "-o", str(family / f"{method}-torch"), "--kernel", "torch", "-q"])
-    c, t = load_folder(family / f"{method}-c"), load_folder(family / f"{method}-torch")
-    assert c.keys() == t.keys()
-    for name in c:
-        assert c[name].dtype == t[name].dtype and c[name].shape == t[name].shape, name
-        assert_within_one_ulp(c[name], t[name])
-    if method != "linear":  # rows only the base has are carried from it unchanged
-        base = load_folder(family / "base")
-        assert torch.equal(c["model.embed_tokens.weight"][20:], base["model.embed_tokens.weight"][20:])
-
-
-@needs_c
-def test_summary_names_the_kernel(family):
-    code, out = _cli("merge", _config(family, "ties"), "-o", family / "out", "--threads", "2")
-    assert code == 0 and "c kernel, 2 threads" in out, out
-    code, out = _cli("merge", _config(family, "ties"), "-o", family / "out2", "--kernel", "torch")
-    assert code == 0 and "torch kernel" in out, out
-    code, out = _cli("plugins")
-    assert "merge kernels: C (built" in out
-
-
-NEGATE = '''
-import fusion
-
-class Negate(fusion.Strategy):
-    name = "negate"
-    description = "Subtract the task vectors."
-    parameters = ()
-
-    def merge(self, base, tensors, params, context):
-        return base - sum(t - base for t in tensors)
-
-@fusion.hookimpl
-def register_strategies(register):
-    register(Negate())
-'''
-
-
-def test_strategy_without_c_path(family):
-    """auto falls back to the torch reference; --kernel c says why it cannot be had."""
-    (family / "negate.py").write_text(NEGATE)
-    cfg = family / "negate.yaml"
-    cfg.write_text("merge_method: negate\nbase_model: ./base\nmodels:\n  - model: ./a\n")
-    code, out = _cli("--plugin", family / "negate.py", "merge", cfg, "-o", family / "auto")
-    assert code == 0 and "torch kernel" in out, out
-    code, out = _cli("--plugin", family / "negate.py", "merge", cfg, "-o", family / "c", "--kernel", "c")
-    assert code == 1 and "strategy 'negate' has no C kernel" in out and "--kernel auto" in out, out
-    assert not (family / "c").exists()
-
-
-def test_without_the_extension_everything_runs_on_torch(family, monkeypatch, capsys):
-    from fusion.cli import main
-
-    monkeypatch.setattr(kernels, "_c", None)
-    main(["merge", str(_config(family, "ties")), "-o", str(family / "out")])
-    assert "torch kernel" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as exc:
-        main(["merge", str(_config(family, "ties")), "-o", str(family / "out-c"), "--kernel", "c"])
-    assert exc.value.code == 1
-    assert "C kernels are not built" in capsys.readouterr().err
-    main(["plugins"])
-    assert "torch reference only" in capsys.readouterr().out
-
-
 @needs_c
 def test_sce_kernel_energies_are_sums_of_squares():
     base = torch.zeros(5, dtype=torch.float32)
     models = [torch.tensor([1.0, -2.0, 0.0, 0.5, 3.0]), torch.tensor([0.25, 0.0, 0.0, 0.0, -1.0])]
     out = torch.empty(5)
-    _, energies = kernels.sce(out, base, models, tau=1.0, scope_all=True, lam=1.0)
+    _, energies = kernels.variance_selected_merge(out, base, models, fraction=1.0, mask_deltas=True,
+                                                  scale=1.0)
     assert energies == [sum(x * x for x in m.tolist()) for m in models]
     assert math.isclose(sum(energies), 15.3125)
-
-
-@needs_c
-def test_inputs_the_kernels_cannot_read_fall_back_to_torch(family, capsys):
-    """A float64 fine-tune: its tensors are merged by the torch reference, with a notice."""
-    from fusion.cli import main
-
-    shape = Shape(vocab=26, intermediate=40, heads=4, head_dim=8)
-    base = load_folder(family / "base")
-    save_checkpoint(family / "f64", shape, "float32",
-                    {k: v.double() + 0.01 for k, v in base.items()})
-    cfg = family / "f64.yaml"
-    cfg.write_text("merge_method: ties\nbase_model: ./base\nmodels:\n  - model: ./f64\n  - model: ./b\n"
-                   "parameters: {density: 0.5}\n")
-    main(["merge", str(cfg), "-o", str(family / "c"), "--kernel", "c"])
-    out = capsys.readouterr().out
-    assert "c kernel" in out and "merged by the torch reference" in out, out
-    main(["merge", str(cfg), "-o", str(family / "torch"), "--kernel", "torch", "-q"])
-    c, t = load_folder(family / "c"), load_folder(family / "torch")
-    assert all(torch.equal(c[name], t[name]) for name in t)
-
-
-@needs_c
-def test_the_c_path_never_imports_torch(family):
-    """Start-up and memory: a C merge reads and writes bytes, so torch is never loaded."""
-    import subprocess
-    import sys
-
-    code = ("import sys\nfrom fusion.cli import main\n"
-            f"main(['merge', {str(_config(family, 'sce'))!r}, '-o', {str(family / 'out')!r}, '-q'])\n"
-            "assert 'torch' not in sys.modules and 'numpy' not in sys.modules, 'torch or numpy imported'\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert (family / "out" / "model.safetensors").exists()
