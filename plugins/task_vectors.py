@@ -19,11 +19,12 @@ compiled path follows the same order.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import fusion
 from fusion.api.random import stream_seed
-from fusion.api.sparsify import sparsify
+from fusion.api.sparsify import band_bounds, magnitude_count, sparsify
 
 if TYPE_CHECKING:  # torch is imported in merge(), so that listing plugins stays fast
     import torch
@@ -114,6 +115,43 @@ class TaskVectorMerge(fusion.Strategy):
         if poison is not None and bool(poison.any()):
             result = torch.where(poison, float("nan"), result)
         return result
+
+    def merge_compiled(self, out, base, tensors, params, context, *, threads, release):
+        from fusion.api import kernels
+
+        params = self.with_defaults(params, len(tensors))
+        weights = params["weight"]
+        if self.sparsification == "none" and not self.consensus:
+            return kernels.weighted_sum(out, tensors, weights, base=base, scale=params["lambda"],
+                                        normalize=params["normalize"] and abs(sum(weights)) >= 1e-8,
+                                        threads=threads, release=release)
+        n = kernels.buffer(out).numel
+        rules = [self.keep(params, i, n, context) for i in range(len(tensors))]
+        rescale = [params["rescale"] and rule.mode != kernels.Keep.all().mode and params["density"][i] < 1
+                   for i, rule in enumerate(rules)]
+        bad, _ = kernels.sparsified_merge(
+            out, base, tensors, weights, rules, rescale=rescale, elect_signs=self.consensus,
+            normalize=params["normalize"] and (self.consensus or abs(sum(weights)) >= 1e-8),
+            scale=params["lambda"], shape=context.shape if math.prod(context.shape) == n else (n,),
+            first=context.start, threads=threads,
+            release=release)
+        return bad
+
+    def keep(self, params: Mapping[str, Any], i: int, n: int, context: fusion.TensorContext):
+        """Model i's rule as a :class:`fusion.api.kernels.Keep`: the masks of fusion.api.sparsify."""
+        from fusion.api.kernels import Keep
+
+        density = params["density"][i]
+        if self.sparsification == "none" or density >= 1:
+            return Keep.all()
+        seed = stream_seed(context.seed, i)
+        if self.sparsification == "magnitude":
+            return Keep.top(magnitude_count(density, n))
+        if self.sparsification == "band":
+            return Keep.band(*band_bounds(density, params["gamma"][i], n))
+        if self.sparsification == "random":
+            return Keep.random(seed, density)
+        return Keep.ranked(seed, density, params["epsilon"][i])
 
     def with_defaults(self, params: Mapping[str, Any], n_models: int) -> dict[str, Any]:
         """``params`` with every declared parameter it lacks at its default (the host passes them
