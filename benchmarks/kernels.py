@@ -34,6 +34,12 @@ CONFIGS = {
     "task_arithmetic": "parameters: {weight: 0.3, lambda: 1.0}",
     "ties": "parameters: {weight: 0.3, density: 0.5}",
     "sce": "parameters: {select_topk: 0.1}",
+    "dare_linear": "parameters: {weight: 0.3, density: 0.5}",
+    "dare_ties": "parameters: {weight: 0.3, density: 0.5}",
+    "breadcrumbs": "parameters: {weight: 0.3, density: 0.5, gamma: 0.01}",
+    "breadcrumbs_ties": "parameters: {weight: 0.3, density: 0.5, gamma: 0.01}",
+    "della": "parameters: {weight: 0.3, density: 0.5, epsilon: 0.1}",
+    "della_linear": "parameters: {weight: 0.3, density: 0.5, epsilon: 0.1}",
 }
 
 # Runs `fusion` in this process and reports its own peak RSS (VmHWM) on stderr.

@@ -108,23 +108,18 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", SEEDED)
+@pytest.mark.parametrize("method", ["dare_ties", "della_linear"])
 def test_same_seed_same_bytes_across_threads_and_kernels(zoo, method, tmp_path):
     root = zoo["llama"]
-    (tmp_path / "merge.yaml").write_text(json.dumps({**config(method), "base_model": str(root / "base"),
-                                                     "models": [{**m, "model": str(root / m["model"])}
-                                                                for m in config(method)["models"]],
-                                                     "random_seed": 99}))
     runs = [("torch", 1), ("torch", 2)] + ([("c", 1), ("c", 2)] if kernels.available() else [])
     outputs = []
     for kernel, threads in runs:
-        res = _cli("merge", "merge.yaml", "-o", f"out-{kernel}-{threads}", "--kernel", kernel,
-                   "--threads", threads, cwd=tmp_path)
-        assert res.returncode == 0, res.stderr
-        outputs.append(_files(tmp_path / f"out-{kernel}-{threads}"))
-    assert all(o == outputs[0] for o in outputs[1:]), [k for k in runs]
-    other = _cli("merge", "merge.yaml", "-o", "other", "--random-seed", "100", cwd=tmp_path)
-    assert other.returncode == 0 and _files(tmp_path / "other") != outputs[0]
+        out = tmp_path / f"out-{kernel}-{threads}"
+        fusion.merge({**config(method), "random_seed": 99}, out, base_dir=root, kernel=kernel, threads=threads)
+        outputs.append(_files(out))
+    assert all(o == outputs[0] for o in outputs[1:]), runs
+    fusion.merge({**config(method), "random_seed": 99}, tmp_path / "other", base_dir=root, random_seed=100)
+    assert _files(tmp_path / "other") != outputs[0]
 
 
 def test_a_drawn_seed_is_reported_and_repeats_the_merge(zoo, tmp_path):
@@ -132,14 +127,12 @@ def test_a_drawn_seed_is_reported_and_repeats_the_merge(zoo, tmp_path):
     (tmp_path / "merge.yaml").write_text(json.dumps({**config("dare_ties"), "base_model": str(root / "base"),
                                                      "models": [{**m, "model": str(root / m["model"])}
                                                                 for m in config("dare_ties")["models"]]}))
-    res = _cli("plan", "merge.yaml", cwd=tmp_path)
-    assert res.returncode == 0 and "random_seed was not set, so" in res.stdout + res.stderr
-    first = _cli("merge", "merge.yaml", "-o", "a", "-q", cwd=tmp_path)
-    assert first.returncode == 0
+    res = _cli("merge", "merge.yaml", "-o", "a", cwd=tmp_path)
+    assert res.returncode == 0 and "random_seed was not set, so" in res.stdout + res.stderr, res.stderr
     seed = json.loads((tmp_path / "a" / "fusion.json").read_text())["random_seed"]
-    assert isinstance(seed, int)
-    again = _cli("merge", "merge.yaml", "-o", "b", "--random-seed", seed, cwd=tmp_path)
-    assert again.returncode == 0 and _files(tmp_path / "a") == _files(tmp_path / "b")
+    assert isinstance(seed, int) and f"random_seed: {seed}" in res.stdout + res.stderr
+    fusion.merge(tmp_path / "merge.yaml", tmp_path / "b", random_seed=seed)
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")
 
 
 @pytest.mark.parametrize("parameters,first,words", [
@@ -152,35 +145,46 @@ def test_parameter_problems_stop_the_plan(zoo, tmp_path, parameters, first, word
     root = zoo["qwen2"]
     cfg = {"merge_method": "della", "base_model": str(root / "base"), "parameters": parameters,
            "models": [{"model": str(root / "ft1"), "parameters": first}, {"model": str(root / "ft2")}]}
-    (tmp_path / "merge.yaml").write_text(json.dumps(cfg))
-    for command in (["plan", "merge.yaml"], ["merge", "merge.yaml", "-o", "out"]):
-        res = _cli(*command, cwd=tmp_path)
-        assert res.returncode == 1, res.stderr
-        for w in words:
-            assert w.replace("FT1", str(root / "ft1")) in res.stderr, res.stderr
-        assert "Traceback" not in res.stderr and not (tmp_path / "out").exists()
+    with pytest.raises(fusion.ConfigError) as raised:
+        fusion.merge(cfg, tmp_path / "out")
+    for w in words:
+        assert w.replace("FT1", str(root / "ft1")) in str(raised.value), raised.value
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_della_epsilon_problem_fails_fusion_plan_with_one_line(zoo, tmp_path):
+    root = zoo["qwen2"]
+    (tmp_path / "merge.yaml").write_text(f"merge_method: della\nbase_model: {root / 'base'}\nmodels:\n"
+                                         f"  - model: {root / 'ft1'}\n    parameters: {{density: 0.1}}\n")
+    res = _cli("plan", "merge.yaml", cwd=tmp_path)
+    assert res.returncode == 1 and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+    assert "density 0.1 with epsilon 0.15 gives keep probabilities from -0.05 to 0.25" in res.stderr, res.stderr
+
+
+@pytest.fixture(scope="module")
+def nan_model(zoo, tmp_path_factory) -> Path:
+    """A Llama fine-tune with one NaN in layer 0's up_proj."""
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path_factory.mktemp("nan")
+    build(root / "bad", "llama", False, 3, load_folder(zoo["llama"] / "base"))
+    for shard in (root / "bad").glob("*.safetensors"):
+        tensors = load_file(shard)
+        if "model.layers.0.mlp.up_proj.weight" in tensors:
+            tensors["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
+            save_file(tensors, shard, metadata={"format": "pt"})
+    return root / "bad"
 
 
 @pytest.mark.parametrize("kernel", ["torch", "c"])
-@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs"])
-def test_a_nan_in_an_input_stops_the_merge(zoo, tmp_path, kernel, method):
+@pytest.mark.parametrize("method", ["ties", "dare_linear", "breadcrumbs_ties"])
+def test_a_nan_in_an_input_stops_the_merge(zoo, nan_model, tmp_path, kernel, method):
+    """Even where the rule drops the NaN entry (density 0.1), it is not replaced by the base."""
     if kernel == "c" and not kernels.available():
         pytest.skip("the C extension is not built here")
     root = zoo["llama"]
-    bad = tmp_path / "bad"
-    build(bad, "llama", False, 3, load_folder(root / "base"))
-    from safetensors.torch import load_file, save_file
-
-    for shard in bad.glob("*.safetensors"):
-        tensors = load_file(shard)
-        name = "model.layers.0.mlp.up_proj.weight"
-        if name in tensors:
-            tensors[name][0, 0] = float("nan")
-            save_file(tensors, shard, metadata={"format": "pt"})
-    cfg = {**config(method), "base_model": str(root / "base"),
-           "models": [{"model": str(bad), "parameters": {"density": 0.1}}, {"model": str(root / "ft2")}],
-           "random_seed": 1}
-    (tmp_path / "merge.yaml").write_text(json.dumps(cfg))
-    res = _cli("merge", "merge.yaml", "-o", "out", "--kernel", kernel, cwd=tmp_path)
-    assert res.returncode == 1 and "model.layers.0.mlp.up_proj.weight has 1 non-finite" in res.stderr, res.stderr
+    cfg = {**config(method), "base_model": str(root / "base"), "random_seed": 1,
+           "models": [{"model": str(nan_model), "parameters": {"density": 0.1}}, {"model": str(root / "ft2")}]}
+    with pytest.raises(fusion.FusionError, match="model.layers.0.mlp.up_proj.weight has 1 non-finite"):
+        fusion.merge(cfg, tmp_path / "out", kernel=kernel)
     assert not (tmp_path / "out").exists()
