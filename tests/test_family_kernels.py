@@ -159,3 +159,25 @@ def test_keep_rules_check_their_arguments():
     assert kernels.Keep.ranked(1, 1.0, 0.5) == kernels.Keep.all()
     assert kernels.Keep.ranked(1, 0.0, 0.5) == kernels.Keep.top(0)
     assert kernels.Keep.band(3, 5) == kernels.Keep(kernels.Keep.band(3, 5).mode, 8, 3)
+
+
+@needs_c
+@pytest.mark.parametrize("threads", [1, 3])
+def test_rescale_sums_are_exact_over_any_range_of_magnitudes(threads):
+    """Entries 2⁻³¹ and further below a block's largest take the kernels' slow path; the sums stay
+    exact (a float32 sum of these would overflow, or lose the small entries)."""
+    gen = torch.Generator().manual_seed(4)
+    n = 300_000
+    magnitude = torch.pow(2.0, torch.randint(-140, 127, (n,), generator=gen).float())
+    delta = (magnitude * torch.rand(n, generator=gen) * torch.where(torch.rand(n, generator=gen) < 0.5, -1, 1))
+    delta[::7] = 1.5e-45  # subnormals
+    delta[::1009] = 3e38
+    base = torch.zeros(n)
+    rules = [kernels.Keep.random(11, 0.4), kernels.Keep.top(12_345)]
+    masks = [torch.empty(n, dtype=torch.bool) for _ in rules]
+    _, factors = kernels.sparsified_merge(torch.empty(n), base, [delta, delta.flip(0)], [1.0, 1.0], rules,
+                                          rescale=True, elect_signs=False, normalize=False, threads=threads,
+                                          masks=masks)
+    for factor, mask, d in zip(factors, masks, [delta, delta.flip(0)]):
+        assert factor == sp.rescale_factor(d, mask)
+    assert sp.abs_sum(delta) == math.fsum(abs(v) for v in delta.tolist())

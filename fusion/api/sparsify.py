@@ -116,10 +116,10 @@ def ranked_mask(delta: "torch.Tensor", density: float, epsilon: float, seed: int
 
 
 def abs_sum(x: "torch.Tensor") -> float:
-    """Σ|x| over the finite entries of a float32 tensor, independent of summation order: the
-    24-bit significands are added exactly per binary exponent (int64), and the 254 per-exponent
-    totals are added in float64 from the smallest exponent up. The kernels compute the same
-    number bit for bit, whatever their threads."""
+    """Σ|x| over the finite entries of a float32 tensor, computed exactly and rounded once to
+    float64, so it does not depend on the order of summation (the kernels compute the same number
+    bit for bit, whatever their threads). The 24-bit significands are added per binary exponent
+    in int64, and the per-exponent totals combined as one Python integer of units of 2⁻¹⁴⁹."""
     import torch
 
     buckets = torch.zeros(256, dtype=torch.int64)
@@ -130,11 +130,8 @@ def abs_sum(x: "torch.Tensor") -> float:
         exponent = bits >> 23
         significand = (bits & 0x7FFFFF) | torch.where(exponent > 0, 0x800000, 0).to(torch.int32)
         buckets.scatter_add_(0, exponent.long(), significand.long())
-    total = 0.0
-    for e, s in enumerate(buckets.tolist()):
-        if s:
-            total += math.ldexp(float(s), max(e, 1) - 150)
-    return total
+    units = sum(s << (max(e, 1) - 1) for e, s in enumerate(buckets.tolist()) if s)
+    return math.ldexp(float(units), -149)  # int → float rounds to nearest even
 
 
 def rescale_factor(delta: "torch.Tensor", mask: "torch.Tensor") -> float | None:

@@ -23,27 +23,34 @@
 typedef struct {
     const job_t *job;
     sparsifier *sp;
-    int64_t *l1;      /* [thread][model][2 · L1_SIZE] */
+    wide *l1;                   /* [thread][model][all, kept] */
+    uint32_t *thr[MAX_INPUTS];  /* per model: the draw threshold of each rank */
     int nth;
     int oom;
 } rank_pass;
 
-/* Sort (key, index) pairs ascending by key, stably, through tmp; the result is in a or tmp
- * (returned). */
+/* Sort (key, index) pairs ascending by key (the high 32 bits), stably, through tmp: LSD radix
+ * sort by bytes, the four byte histograms counted in one read; a byte every key shares costs no
+ * pass. Returns a or tmp, whichever holds the result. */
 static uint64_t *radix_sort(uint64_t *a, uint64_t *tmp, int64_t len) {
-    int64_t count[256], j;
-    int shift, b;
-    for (shift = 32; shift < 64; shift += 8) {
+    int64_t count[4][256], j;
+    int d, b;
+    memset(count, 0, sizeof(count));
+    for (j = 0; j < len; j++) {
+        uint32_t k = (uint32_t)(a[j] >> 32);
+        count[0][k & 0xff]++, count[1][(k >> 8) & 0xff]++, count[2][(k >> 16) & 0xff]++, count[3][k >> 24]++;
+    }
+    for (d = 0; d < 4; d++) {
+        int shift = 32 + 8 * d;
+        int64_t *c = count[d], sum = 0;
         uint64_t *t;
-        memset(count, 0, sizeof(count));
-        for (j = 0; j < len; j++) count[(a[j] >> shift) & 0xff]++;
-        if (count[(a[0] >> shift) & 0xff] == len) continue; /* every key shares this digit */
-        for (b = 0, j = 0; b < 256; b++) {
-            int64_t c = count[b];
-            count[b] = j;
-            j += c;
+        if (c[(a[0] >> shift) & 0xff] == len) continue; /* every key shares this byte */
+        for (b = 0; b < 256; b++) {
+            int64_t n = c[b];
+            c[b] = sum;
+            sum += n;
         }
-        for (j = 0; j < len; j++) tmp[count[(a[j] >> shift) & 0xff]++] = a[j];
+        for (j = 0; j < len; j++) tmp[c[(a[j] >> shift) & 0xff]++] = a[j];
         t = a, a = tmp, tmp = t;
     }
     return a;
@@ -75,25 +82,42 @@ static void load_row(float *dst, const job_t *job, int in, int64_t first, int64_
         for (a = 0; a < length; a++) load_block(dst + a, job->in[in], job->dt[in], first + a * inner, 1);
 }
 
-/* keep[] of one row of model i's task vector delta[] */
+/* keep[] of one row of model i's task vector delta[]: rank the entries, and keep entry e of rank
+ * j iff its draw is below thr[j] */
 INLINE void rank_row(const sparsifier *sp, int i, const float *delta, int64_t L, int64_t first, int64_t inner,
-                     uint64_t *pairs, unsigned char *keep) {
-    double lo = sp->density[i] - sp->epsilon[i], span = 2 * sp->epsilon[i], hi = lo + span;
-    uint64_t *sorted;
+                     const uint32_t *thr, uint64_t *pairs, uint32_t *draws, unsigned char *keep) {
+    uint64_t *sorted, at = sp->first + (uint64_t)first;
     int64_t j;
+    for (j = 0; j < L; j++) draws[j] = draw24(sp->seed[i], at + (uint64_t)(j * inner));
     for (j = 0; j < L; j++) /* from the last entry, so that equal keys keep the higher index first */
         pairs[j] = ((uint64_t)abs_key(delta[L - 1 - j]) << 32) | (uint64_t)(L - 1 - j);
     sorted = L > 1 ? radix_sort(pairs, pairs + L, L) : pairs;
     for (j = 0; j < L; j++) { /* j: the rank from the smallest */
-        int64_t e = (int64_t)(sorted[j] & 0xffffffffu);
-        double u = (double)draw24(sp->seed[i], sp->first + (uint64_t)(first + e * inner)) * 0x1p-24;
-        int k;
-        if (L == 1) k = u < sp->density[i];
-        else if (u < lo) k = 1;
-        else if (u >= hi) k = 0;
-        else k = u < lo + ((double)j / (double)(L - 1)) * span;
-        keep[e] = (unsigned char)k;
+        uint32_t e = (uint32_t)sorted[j];
+        keep[e] = draws[e] < thr[j];
     }
+}
+
+/* Model i's row of keep flags into its bitmap: whole bytes where the row has them to itself,
+ * atomically where it may share one with another row (inner = 1); bit by bit otherwise. */
+INLINE void store_bits(unsigned char *bits, const unsigned char *keep, int64_t L, int64_t first, int64_t inner) {
+    int64_t j = 0, f;
+    if (inner != 1) {
+        for (j = 0; j < L; j++)
+            if (keep[j]) set_bit(bits, first + j * inner, 1);
+        return;
+    }
+    for (; j < L && ((first + j) & 7); j++)
+        if (keep[j]) set_bit(bits, first + j, 1);
+    for (; j + 8 <= L; j += 8) {
+        unsigned char byte = 0;
+        int q;
+        for (q = 0; q < 8; q++) byte |= (unsigned char)((keep[j + q] != 0) << q);
+        f = first + j;
+        bits[f >> 3] = byte;
+    }
+    for (; j < L; j++)
+        if (keep[j]) set_bit(bits, first + j, 1);
 }
 
 HOT static void pass_rank(void *p, int tid) {
@@ -104,11 +128,12 @@ HOT static void pass_rank(void *p, int tid) {
     int64_t r0 = rows * tid / rp->nth, r1 = rows * (tid + 1) / rp->nth, row, j, released = r0 * L;
     uint64_t *pairs = (uint64_t *)malloc((size_t)one * 16);
     float *base = (float *)malloc((size_t)one * 4), *delta = (float *)malloc((size_t)one * 4);
+    uint32_t *draws = (uint32_t *)malloc((size_t)one * 4);
     unsigned char *keep = (unsigned char *)malloc((size_t)one);
     int i;
-    if (!pairs || !base || !delta || !keep) {
+    if (!pairs || !base || !delta || !draws || !keep) {
         rp->oom = 1;
-        free(pairs), free(base), free(delta), free(keep);
+        free(pairs), free(base), free(delta), free(draws), free(keep);
         return;
     }
     for (row = r0; row < r1; row++) {
@@ -118,15 +143,14 @@ HOT static void pass_rank(void *p, int tid) {
             if (sp->mode[i] != SPARSIFY_RANKED) continue;
             load_row(delta, job, i + 1, first, L, inner);
             for (j = 0; j < L; j++) delta[j] = delta[j] - base[j];
-            rank_row(sp, i, delta, L, first, inner, pairs, keep);
-            for (j = 0; j < L; j++)
-                if (keep[j]) {
-                    int64_t f = first + j * inner;
-                    /* the bytes a row may share with another are written atomically */
-                    set_bit(sp->bits[i], f, inner != 1 || (f >> 3) == (first >> 3) ||
-                                                (f >> 3) == ((first + L - 1) >> 3));
-                }
-            if (sp->rescale[i]) l1_add(rp->l1 + ((size_t)tid * sp->nmodels + i) * 2 * L1_SIZE, delta, keep, (int)L);
+            rank_row(sp, i, delta, L, first, inner, rp->thr[i], pairs, draws, keep);
+            store_bits(sp->bits[i], keep, L, first, inner);
+            if (sp->rescale[i]) {
+                wide *acc = rp->l1 + ((size_t)tid * sp->nmodels + i) * 2;
+                int64_t a;
+                for (a = 0; a < L; a += BLOCK)
+                    l1_block(acc, acc + 1, delta + a, keep + a, (int)(L - a < BLOCK ? L - a : BLOCK));
+            }
         }
         if (job->release && inner == 1 && (row + 1) * L - released >= RELEASE_EVERY) {
             for (i = 0; i < job->nin; i++)
@@ -134,19 +158,38 @@ HOT static void pass_rank(void *p, int tid) {
             released = (row + 1) * L;
         }
     }
-    free(pairs), free(base), free(delta), free(keep);
+    free(pairs), free(base), free(delta), free(draws), free(keep);
 }
 
-int ranked_prepare(const job_t *job, sparsifier *sp, int64_t *l1) {
-    rank_pass rp = {job, sp, l1, job->nth, 0};
-    int i, any = 0;
+/* thr[j] = ceil(pⱼ·2²⁴) for pⱼ = (d − ε) + (j / (L − 1))·2ε (d for L = 1), clamped to [0, 2²⁴]:
+ * an integer draw D is below it iff D·2⁻²⁴ < pⱼ, the reference's float64 test. */
+static void rank_thresholds(uint32_t *thr, double density, double epsilon, int64_t L) {
+    double lo = density - epsilon, span = 2 * epsilon;
+    int64_t j;
+    for (j = 0; j < L; j++) {
+        double p = L == 1 ? density : lo + ((double)j / (double)(L - 1)) * span, t = ceil(p * 0x1p24);
+        thr[j] = t <= 0 ? 0u : t >= 0x1p24 ? (1u << 24) : (uint32_t)t;
+    }
+}
+
+int ranked_prepare(const job_t *job, sparsifier *sp, void *l1) {
+    rank_pass rp;
+    int i, any = 0, rc = 0;
+    memset(&rp, 0, sizeof(rp));
+    rp.job = job, rp.sp = sp, rp.l1 = (wide *)l1, rp.nth = job->nth;
     sp->bits_bytes = (size_t)((job->n + 7) / 8);
     for (i = 0; i < sp->nmodels; i++)
         if (sp->mode[i] == SPARSIFY_RANKED) {
             any = 1;
-            if (!(sp->bits[i] = (unsigned char *)zalloc(sp->bits_bytes))) return -1;
+            sp->bits[i] = (unsigned char *)zalloc(sp->bits_bytes);
+            rp.thr[i] = (uint32_t *)malloc((size_t)(sp->length > 0 ? sp->length : 1) * 4);
+            if (!sp->bits[i] || !rp.thr[i]) rc = -1;
+            else rank_thresholds(rp.thr[i], sp->density[i], sp->epsilon[i], sp->length);
         }
-    if (!any) return 0;
-    run_threads(&rp, job, pass_rank);
-    return rp.oom ? -1 : 0;
+    if (any && rc == 0) {
+        run_threads(&rp, job, pass_rank);
+        if (rp.oom) rc = -1;
+    }
+    for (i = 0; i < sp->nmodels; i++) free(rp.thr[i]);
+    return rc;
 }

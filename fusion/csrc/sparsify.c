@@ -18,7 +18,7 @@ HOT static void magnitude_keys(void *arg, int64_t pos, int m, uint32_t (*key)[BL
 typedef struct {
     const job_t *job;
     const sparsifier *sp;
-    int64_t *l1; /* [thread][model][2 · L1_SIZE] */
+    wide *l1; /* [thread][model][all, kept] */
 } l1_pass;
 
 /* The L1 tables of the models rescaled here (DELLA's come from its own pass). */
@@ -38,25 +38,29 @@ HOT static void pass_l1(void *p, int tid) {
         for (i = 0; i < sp->nmodels; i++) {
             if (!sp->rescale[i] || sp->mode[i] == SPARSIFY_RANKED) continue;
             sparsify_block(sp, i, d[i], pos, m, keep, &cursor);
-            l1_add(lp->l1 + ((size_t)tid * sp->nmodels + i) * 2 * L1_SIZE, d[i], keep, m);
+            wide *acc = lp->l1 + ((size_t)tid * sp->nmodels + i) * 2;
+            l1_block(acc, acc + 1, d[i], keep, m);
         }
         release_step(job, tid, pos + m, &next);
     }
 }
 
-/* The rescale factors from the threads' L1 tables */
-static void set_factors(const job_t *job, sparsifier *sp, const int64_t *l1) {
-    int64_t total[2 * L1_SIZE];
-    int i, t, e;
+/* The rescale factors from the threads' L1 sums */
+static void set_factors(const job_t *job, sparsifier *sp, const wide *l1) {
+    int i, t;
     for (i = 0; i < sp->nmodels; i++) {
+        wide all, kept;
         double before, after;
         sp->scaled[i] = 0;
         if (!sp->rescale[i]) continue;
-        memset(total, 0, sizeof(total));
-        for (t = 0; t < job->nth; t++)
-            for (e = 0; e < 2 * L1_SIZE; e++) total[e] += l1[((size_t)t * sp->nmodels + i) * 2 * L1_SIZE + e];
-        before = l1_total(total, 0);
-        after = l1_total(total, 1);
+        memset(&all, 0, sizeof(all));
+        memset(&kept, 0, sizeof(kept));
+        for (t = 0; t < job->nth; t++) {
+            wide_merge(&all, &l1[((size_t)t * sp->nmodels + i) * 2]);
+            wide_merge(&kept, &l1[((size_t)t * sp->nmodels + i) * 2 + 1]);
+        }
+        before = wide_value(&all);
+        after = wide_value(&kept);
         if (before >= 1e-7 && after >= 1e-7) {
             sp->scaled[i] = 1;
             sp->factor[i] = (float)(before / after);
@@ -66,8 +70,8 @@ static void set_factors(const job_t *job, sparsifier *sp, const int64_t *l1) {
 
 int sparsify_prepare(const job_t *job, sparsifier *sp) {
     int i, nsel = 0, any_l1 = 0, rc = 0;
-    size_t l1_bytes = (size_t)job->nth * (size_t)sp->nmodels * 2 * L1_SIZE * sizeof(int64_t);
-    int64_t *l1 = NULL;
+    size_t l1_bytes = (size_t)job->nth * (size_t)sp->nmodels * 2 * sizeof(wide);
+    wide *l1 = NULL;
     for (i = 0; i < sp->nmodels; i++) {
         sp->sel_row[i] = sp->sel_row[sp->nmodels + i] = i;
         if (sp->mode[i] == SPARSIFY_TOPK || sp->mode[i] == SPARSIFY_BAND) {
@@ -82,7 +86,7 @@ int sparsify_prepare(const job_t *job, sparsifier *sp) {
     }
     if (nsel && select_thresholds(job, sp->sel, 2 * sp->nmodels, sp->sel_row, magnitude_keys, (void *)job) != 0)
         return -1;
-    if (any_l1 && !(l1 = (int64_t *)zalloc(l1_bytes))) return -1;
+    if (any_l1 && !(l1 = (wide *)zalloc(l1_bytes))) return -1;
     if (ranked_prepare(job, sp, l1) != 0) rc = -1;
     for (i = 0; i < sp->nmodels; i++)
         if (sp->rescale[i] && sp->mode[i] != SPARSIFY_RANKED) {

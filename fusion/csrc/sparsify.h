@@ -46,9 +46,9 @@ int sparsify_prepare(const job_t *job, sparsifier *sp);
 /* Frees what sparsify_prepare allocated. */
 void sparsify_free(sparsifier *sp);
 
-/* DELLA's keep bitmaps and the L1 tables of the ranked models (ranks.c); l1 is
- * [thread][model][2 · L1_SIZE], zeroed. Returns 0, or -1 when out of memory. */
-int ranked_prepare(const job_t *job, sparsifier *sp, int64_t *l1);
+/* DELLA's keep bitmaps and the L1 sums of the ranked models (ranks.c); l1 is
+ * [thread][model][all, kept] (l1.h), zeroed. Returns 0, or -1 when out of memory. */
+int ranked_prepare(const job_t *job, sparsifier *sp, void *l1);
 
 /* A thread's cursors: how many keys equal to each selector's threshold precede its range. */
 typedef struct {
