@@ -29,6 +29,8 @@ from fusion.api.sparsify import band_bounds, magnitude_count, sparsify
 if TYPE_CHECKING:  # torch is imported in merge(), so that listing plugins stays fast
     import torch
 
+    from fusion.api import kernels
+
 INT8_HELP = "accepted for mergekit compatibility; no effect (the sign masks are exact either way)"
 
 
@@ -62,10 +64,9 @@ EPSILON = fusion.Param("epsilon", float, 0.15, per_model=True, minimum=0.0,
                             "to dᵢ + εᵢ (largest); both must lie inside (0, 1)")
 
 
-def plain_divisor(weights: Sequence[float]) -> float:
-    """normalize without sign election divides by Σ wᵢ, or by 1 where |Σ wᵢ| < 1e-8."""
-    total = sum(weights)
-    return 1.0 if abs(total) < 1e-8 else total
+def divides_by_the_weights(params: Mapping[str, Any]) -> bool:
+    """Whether normalize, without sign election, divides by Σ wᵢ: not where |Σ wᵢ| < 1e-8."""
+    return params["normalize"] and abs(sum(params["weight"])) >= 1e-8
 
 
 class TaskVectorMerge(fusion.Strategy):
@@ -90,8 +91,11 @@ class TaskVectorMerge(fusion.Strategy):
         weights = params["weight"]
         deltas = [t.sub_(base) for t in tensors]  # the inputs are the host's copies
         plain = self.sparsification == "none" and not self.consensus
-        # task arithmetic's sums already turn every non-finite δ into a non-finite result
-        poison = None if plain else ~torch.stack([d.isfinite() for d in deltas]).all(0)
+        poison = None  # task arithmetic's sums turn every non-finite δ into a non-finite result
+        if not plain:
+            poison = ~deltas[0].isfinite()
+            for d in deltas[1:]:
+                poison |= ~d.isfinite()
         kept = [self.sparsify(d, params, i, context) for i, d in enumerate(deltas)]
         del deltas
         if self.consensus:
@@ -109,8 +113,8 @@ class TaskVectorMerge(fusion.Strategy):
             total = kept[0].mul(weights[0])
             for w, k in zip(weights[1:], kept[1:]):
                 total.add_(k, alpha=w)
-            if params["normalize"]:
-                total.div_(plain_divisor(weights))
+            if divides_by_the_weights(params):
+                total.div_(sum(weights))
             result = base.add_(total, alpha=params["lambda"])
         if poison is not None and bool(poison.any()):
             result = torch.where(poison, float("nan"), result)
@@ -123,21 +127,20 @@ class TaskVectorMerge(fusion.Strategy):
         weights = params["weight"]
         if self.sparsification == "none" and not self.consensus:
             return kernels.weighted_sum(out, tensors, weights, base=base, scale=params["lambda"],
-                                        normalize=params["normalize"] and abs(sum(weights)) >= 1e-8,
-                                        threads=threads, release=release)
+                                        normalize=divides_by_the_weights(params), threads=threads,
+                                        release=release)
         n = kernels.buffer(out).numel
         rules = [self.keep(params, i, n, context) for i in range(len(tensors))]
-        rescale = [params["rescale"] and rule.mode != kernels.Keep.all().mode and params["density"][i] < 1
-                   for i, rule in enumerate(rules)]
+        # the reference rescales every task vector it sparsifies (d < 1), and no other
+        rescale = [params["rescale"] and rule != kernels.Keep.all() for rule in rules]
         bad, _ = kernels.sparsified_merge(
             out, base, tensors, weights, rules, rescale=rescale, elect_signs=self.consensus,
-            normalize=params["normalize"] and (self.consensus or abs(sum(weights)) >= 1e-8),
+            normalize=params["normalize"] if self.consensus else divides_by_the_weights(params),
             scale=params["lambda"], shape=context.shape if math.prod(context.shape) == n else (n,),
-            first=context.start, threads=threads,
-            release=release)
+            first=context.start, threads=threads, release=release)
         return bad
 
-    def keep(self, params: Mapping[str, Any], i: int, n: int, context: fusion.TensorContext):
+    def keep(self, params: Mapping[str, Any], i: int, n: int, context: fusion.TensorContext) -> "kernels.Keep":
         """Model i's rule as a :class:`fusion.api.kernels.Keep`: the masks of fusion.api.sparsify."""
         from fusion.api.kernels import Keep
 

@@ -20,25 +20,11 @@ from fusion.plugins.breadcrumbs import Breadcrumbs, BreadcrumbsTies
 from fusion.plugins.dare import DareLinear, DareTies
 from fusion.plugins.della import Della, DellaLinear
 from fusion.plugins.ties import Ties
-from test_kernels import assert_within_one_ulp, inputs, lambdas, needs_c, ulps, weights_st
-from test_task_vectors import della_pair, densities, gammas
+from test_kernels import assert_within_one_ulp, inputs, needs_c, ulps
+from test_task_vectors import family_params
 
 SPARSE = {s.name: s for s in (Ties(), DareLinear(), DareTies(), Breadcrumbs(), BreadcrumbsTies(), Della(),
                               DellaLinear())}
-
-
-def draw_params(data, strategy, n_models: int) -> dict:
-    per = lambda s: data.draw(st.lists(s, min_size=n_models, max_size=n_models))  # noqa: E731
-    params = {"weight": per(weights_st), "lambda": data.draw(lambdas), "normalize": data.draw(st.booleans()),
-              "rescale": data.draw(st.booleans())}
-    if strategy.sparsification == "ranked":
-        pairs = per(della_pair())
-        params["density"], params["epsilon"] = [p[0] for p in pairs], [p[1] for p in pairs]
-    else:
-        params["density"] = per(densities)
-    if strategy.sparsification == "band":
-        params["gamma"] = per(gammas)
-    return params
 
 
 def reference_masks(strategy, base, models, params, context) -> list[torch.Tensor]:
@@ -111,7 +97,7 @@ def test_compiled_family_equals_reference(name, case, data):
     base, models, out_dtype = case
     shape = data.draw(shaped(base.numel()))
     context = fusion.TensorContext("t", shape=shape, seed=data.draw(st.integers(0, 2 ** 64 - 1)))
-    params = draw_params(data, strategy, len(models))
+    params = data.draw(family_params(strategy, len(models)))
     out, masks, factors = compiled(strategy, base, models, params, context, out_dtype)
     for i, (mask, want) in enumerate(zip(masks, reference_masks(strategy, base, models, params, context))):
         assert torch.equal(mask, want), f"{name}: model {i}'s mask"

@@ -304,7 +304,8 @@ def test_rescale_restores_the_l1_norm():
     assert math.isclose(float(kept.abs().double().sum()), float(delta.abs().double().sum()), rel_tol=1e-6)
     # below 1e-7 (before or after the mask) nothing is rescaled
     tiny = torch.full((10,), 1e-9)
-    assert torch.equal(sp.sparsify(tiny, "magnitude", 0.5, rescale=True), torch.where(sp.magnitude_mask(tiny, 0.5), tiny, 0.0))
+    unscaled = torch.where(sp.magnitude_mask(tiny, 0.5), tiny, 0.0)
+    assert torch.equal(sp.sparsify(tiny, "magnitude", 0.5, rescale=True), unscaled)
     # d ≥ 1 is the identity, rescale or not
     assert sp.sparsify(delta, "ranked", 1.0, epsilon=0.7, rescale=True) is delta
 
@@ -340,7 +341,8 @@ def test_density_one_reduces_the_family_to_its_deterministic_forms(inputs, data)
             strategy.name
 
 
-@given(st.sampled_from(["dare_linear", "dare_ties", "della", "della_linear"]), merge_inputs(min_models=2), st.data())
+@given(st.sampled_from(["dare_linear", "dare_ties", "della", "della_linear"]), merge_inputs(min_models=2),
+       st.data())
 def test_seeded_results_depend_on_the_seed_only(name, inputs, data):
     strategy = BY_NAME[name]
     shape, base, models = inputs
@@ -403,7 +405,8 @@ def test_seeded_strategies_declare_it(name):
 def test_mergekit_parameter_set_and_defaults(name, normalize, rescale, extra):
     strategy = BY_NAME[name]
     declared = {p.name: p for p in strategy.parameters}
-    expected = {"weight", "density", "lambda", "normalize", "rescale", "int8_mask"} | ({extra[0]} if extra else set())
+    expected = {"weight", "density", "lambda", "normalize", "rescale", "int8_mask"}
+    expected |= {extra[0]} if extra else set()
     assert set(declared) == expected
     assert declared["normalize"].default is normalize and declared["rescale"].default is rescale
     assert declared["density"].default == 1.0 and declared["lambda"].default == 1.0

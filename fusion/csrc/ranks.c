@@ -1,17 +1,18 @@
 /* DELLA's ranked drop (sparsify.h, SPARSIFY_RANKED): within each row of a task vector, the
- * entries' ranks by |δ|, keep probabilities from the ranks, and one draw per entry.
+ * entries' ranks by |δ|, a keep probability per rank, and one draw per entry.
  *
  * A row is `length` entries `inner` apart (fusion.api.sparsify.row_layout). Its entries are
  * ranked by a stable LSD radix sort of their magnitude keys, fed from the last entry to the
  * first, so that equal magnitudes rank the lower index higher, as the reference's stable
- * descending sort does; a digit that every key of the row shares costs no pass. The rank r
- * (0 for the smallest) gives pⱼ = (d − ε) + (r / (L − 1))·2ε in float64, in the reference's
- * order of operations, and the entry is kept iff its draw u = draw24(…)·2⁻²⁴ < pⱼ (u < d − ε
- * keeps it whatever its rank, u ≥ d + ε drops it, so pⱼ is needed only in between). The keep
- * flags go into a bitmap per model, read by the merge pass, and into the exact L1 tables.
+ * descending sort does; a byte that every key of the row shares costs no pass. Rank r (0 for the
+ * smallest) has pᵣ = (d − ε) + (r / (L − 1))·2ε in float64, in the reference's order of
+ * operations, and since a draw D is an integer, D·2⁻²⁴ < pᵣ ⟺ D < ceil(pᵣ·2²⁴): so each rank gets
+ * an integer threshold once per call and the entry of rank r is kept iff its draw is below
+ * thresholdᵣ. The keep flags go into a bitmap per model, read by the merge pass, and into the
+ * exact L1 sums (l1.h).
  *
- * Rows are split among the threads; a thread writes the interior bytes of its rows' bitmap
- * directly and the bytes it may share with another row atomically.
+ * Rows are split among the threads; a thread writes the whole bytes of its rows' bitmap directly
+ * and the bytes it may share with another row atomically.
  */
 #include "l1.h"
 #include "sparsify.h"
@@ -29,28 +30,39 @@ typedef struct {
     int oom;
 } rank_pass;
 
-/* Sort (key, index) pairs ascending by key (the high 32 bits), stably, through tmp: LSD radix
- * sort by bytes, the four byte histograms counted in one read; a byte every key shares costs no
- * pass. Returns a or tmp, whichever holds the result. */
+/* Sort (key, index) pairs ascending by key (the high 32 bits), stably, through tmp: an LSD radix
+ * sort over only the key bits that differ within the row (task vectors of bf16 models leave the
+ * low mantissa bits zero and span few exponents), in as few passes of at most 8 bits (11 on long
+ * rows) as they need, every pass's histogram counted in one read. Returns a or tmp, whichever
+ * holds the result. */
 static uint64_t *radix_sort(uint64_t *a, uint64_t *tmp, int64_t len) {
-    int64_t count[4][256], j;
-    int d, b;
-    memset(count, 0, sizeof(count));
+    int32_t count[4][2048];
+    uint32_t k0 = (uint32_t)(a[0] >> 32), diff = 0, mask;
+    int64_t j;
+    int lo, width, passes, bits, d, b;
+    for (j = 1; j < len; j++) diff |= (uint32_t)(a[j] >> 32) ^ k0;
+    if (!diff) return a; /* equal keys: the input order is the stable order */
+    lo = __builtin_ctz(diff);
+    width = 32 - __builtin_clz(diff) - lo;
+    bits = len >= 4096 ? 11 : 8;
+    passes = (width + bits - 1) / bits;
+    bits = (width + passes - 1) / passes; /* the same digit size for every pass */
+    mask = (1u << bits) - 1;
+    memset(count, 0, sizeof(int32_t) * 2048 * (size_t)passes);
     for (j = 0; j < len; j++) {
-        uint32_t k = (uint32_t)(a[j] >> 32);
-        count[0][k & 0xff]++, count[1][(k >> 8) & 0xff]++, count[2][(k >> 16) & 0xff]++, count[3][k >> 24]++;
+        uint32_t k = (uint32_t)(a[j] >> (32 + lo));
+        for (d = 0; d < passes; d++) count[d][(k >> (d * bits)) & mask]++;
     }
-    for (d = 0; d < 4; d++) {
-        int shift = 32 + 8 * d;
-        int64_t *c = count[d], sum = 0;
+    for (d = 0; d < passes; d++) {
+        int shift = 32 + lo + d * bits;
+        int32_t *c = count[d], sum = 0;
         uint64_t *t;
-        if (c[(a[0] >> shift) & 0xff] == len) continue; /* every key shares this byte */
-        for (b = 0; b < 256; b++) {
-            int64_t n = c[b];
+        for (b = 0; b <= (int)mask; b++) {
+            int32_t n = c[b];
             c[b] = sum;
             sum += n;
         }
-        for (j = 0; j < len; j++) tmp[c[(a[j] >> shift) & 0xff]++] = a[j];
+        for (j = 0; j < len; j++) tmp[c[(a[j] >> shift) & mask]++] = a[j];
         t = a, a = tmp, tmp = t;
     }
     return a;
