@@ -33,12 +33,14 @@ typedef struct {
 /* Sort (key, index) pairs ascending by key (the high 32 bits), stably, through tmp: an LSD radix
  * sort over only the key bits that differ within the row (task vectors of bf16 models leave the
  * low mantissa bits zero and span few exponents), in as few passes of at most 8 bits (11 on long
- * rows) as they need, every pass's histogram counted in one read. Returns a or tmp, whichever
- * holds the result. */
+ * rows) as they need. Each pass moves the two halves of the row at once, the second half's
+ * entries of a digit placed after the first half's: two independent chains of counter updates
+ * instead of one, which runs of equal digits would otherwise serialize. Returns a or tmp,
+ * whichever holds the result. */
 static uint64_t *radix_sort(uint64_t *a, uint64_t *tmp, int64_t len) {
-    int32_t count[4][2048];
+    int32_t first[2048], second[2048];
     uint32_t k0 = (uint32_t)(a[0] >> 32), diff = 0, mask;
-    int64_t j;
+    int64_t j, half = len / 2;
     int lo, width, passes, bits, d, b;
     for (j = 1; j < len; j++) diff |= (uint32_t)(a[j] >> 32) ^ k0;
     if (!diff) return a; /* equal keys: the input order is the stable order */
@@ -48,21 +50,29 @@ static uint64_t *radix_sort(uint64_t *a, uint64_t *tmp, int64_t len) {
     passes = (width + bits - 1) / bits;
     bits = (width + passes - 1) / passes; /* the same digit size for every pass */
     mask = (1u << bits) - 1;
-    memset(count, 0, sizeof(int32_t) * 2048 * (size_t)passes);
-    for (j = 0; j < len; j++) {
-        uint32_t k = (uint32_t)(a[j] >> (32 + lo));
-        for (d = 0; d < passes; d++) count[d][(k >> (d * bits)) & mask]++;
-    }
     for (d = 0; d < passes; d++) {
         int shift = 32 + lo + d * bits;
-        int32_t *c = count[d], sum = 0;
+        int32_t sum = 0;
         uint64_t *t;
-        for (b = 0; b <= (int)mask; b++) {
-            int32_t n = c[b];
-            c[b] = sum;
-            sum += n;
+        memset(first, 0, sizeof(int32_t) * ((size_t)mask + 1));
+        memset(second, 0, sizeof(int32_t) * ((size_t)mask + 1));
+        for (j = 0; j < half; j++) {
+            first[(a[j] >> shift) & mask]++;
+            second[(a[half + j] >> shift) & mask]++;
         }
-        for (j = 0; j < len; j++) tmp[c[(a[j] >> shift) & mask]++] = a[j];
+        if (len & 1) second[(a[len - 1] >> shift) & mask]++;
+        for (b = 0; b <= (int)mask; b++) {
+            int32_t n1 = first[b], n2 = second[b];
+            first[b] = sum;
+            second[b] = sum + n1;
+            sum += n1 + n2;
+        }
+        for (j = 0; j < half; j++) {
+            uint64_t x = a[j], y = a[half + j];
+            tmp[first[(x >> shift) & mask]++] = x;
+            tmp[second[(y >> shift) & mask]++] = y;
+        }
+        if (len & 1) tmp[second[(a[len - 1] >> shift) & mask]++] = a[len - 1];
         t = a, a = tmp, tmp = t;
     }
     return a;
