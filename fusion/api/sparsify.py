@@ -126,11 +126,11 @@ def abs_sum(x: "torch.Tensor") -> float:
     flat = x.reshape(-1)
     for a in range(0, flat.numel(), _CHUNK):
         bits = flat[a:a + _CHUNK].contiguous().view(torch.int32) & 0x7FFFFFFF
-        bits = bits[bits < 0x7F800000]  # inf and NaN are left out
         exponent = bits >> 23
-        significand = (bits & 0x7FFFFF) | torch.where(exponent > 0, 0x800000, 0).to(torch.int32)
-        buckets.scatter_add_(0, exponent.long(), significand.long())
-    units = sum(s << (max(e, 1) - 1) for e, s in enumerate(buckets.tolist()) if s)
+        significand = (bits & 0x7FFFFF) | ((exponent > 0).to(torch.int32) << 23)
+        buckets.index_add_(0, exponent, significand.long())
+    # exponent 255 holds inf and NaN: left out
+    units = sum(s << (max(e, 1) - 1) for e, s in enumerate(buckets.tolist()[:255]) if s)
     return math.ldexp(float(units), -149)  # int → float rounds to nearest even
 
 
