@@ -66,6 +66,7 @@ typedef struct {
     selector *sel;
     int nsel, low;
     const int *rows;
+    const int *shares; /* the high-bit pass counts a key row once: selector s uses shares[s]'s table */
     keys_fn keys;
     void *arg;
 } count_pass;
@@ -78,7 +79,7 @@ HOT static void pass_count(void *p, int tid) {
     int row[2 * MAX_INPUTS], nactive = 0, s, a;
     int64_t pos, next = job->lo[tid] + RELEASE_EVERY;
     for (s = 0; s < c->nsel; s++) {
-        if (c->sel[s].mode != SEL_THRESHOLD) continue;
+        if (c->sel[s].mode != SEL_THRESHOLD || (!c->low && c->shares[s] != s)) continue;
         table[nactive] = sel_table(&c->sel[s], c->low, tid);
         bucket[nactive] = c->sel[s].bucket;
         row[nactive++] = c->rows ? c->rows[s] : s;
@@ -95,13 +96,25 @@ HOT static void pass_count(void *p, int tid) {
 }
 
 int select_thresholds(const job_t *job, selector *sel, int nsel, const int *rows, keys_fn keys, void *arg) {
-    count_pass c = {job, sel, nsel, 0, rows, keys, arg};
-    int s, need_low = 0, ok = 1;
-    for (s = 0; s < nsel; s++)
+    int shares[2 * MAX_INPUTS];
+    count_pass c = {job, sel, nsel, 0, rows, shares, keys, arg};
+    int s, t, need_low = 0, ok = 1;
+    for (s = 0; s < nsel; s++) {
         if (sel[s].mode == SEL_THRESHOLD && !sel_alloc(&sel[s], job->nth)) ok = 0;
+        shares[s] = s; /* the first selector of the same key row counts its high bits for both */
+        for (t = 0; t < s && sel[s].mode == SEL_THRESHOLD; t++)
+            if (sel[t].mode == SEL_THRESHOLD && (rows ? rows[t] == rows[s] : 0)) {
+                shares[s] = t;
+                break;
+            }
+    }
     if (ok) {
         run_threads(&c, job, pass_count);
-        for (s = 0; s < nsel; s++) need_low |= sel_after_hi(&sel[s], job->nth);
+        for (s = 0; s < nsel; s++) {
+            if (shares[s] != s)
+                memcpy(sel[s].hist_hi, sel[shares[s]].hist_hi, (size_t)job->nth * 65536 * 4);
+            need_low |= sel_after_hi(&sel[s], job->nth);
+        }
         if (need_low) {
             c.low = 1;
             run_threads(&c, job, pass_count);
