@@ -235,9 +235,15 @@ def test_sce_equals_reference(case, tau, scope, lam):
 
 
 def sign_merge_reference(base, models, weights, ks, scale, normalize, elect):
-    """trimmed_sign_merge's formula in torch, with or without the sign election."""
+    """trimmed_sign_merge's formula in torch, with or without the sign election; NaN where a task
+    vector is not finite, even where it is trimmed away."""
     b = base.float()
     deltas = [m.float() - b for m in models]
+    poison = ~torch.stack([d.isfinite() for d in deltas]).all(0)
+    return torch.where(poison, float("nan"), _sign_merge(b, deltas, weights, ks, scale, normalize, elect))
+
+
+def _sign_merge(b, deltas, weights, ks, scale, normalize, elect):
     trimmed = [torch.where(topk_mask(d.abs(), min(k, d.numel())), d, 0.0) for d, k in zip(deltas, ks)]
     if not elect:  # added as weighted_sum adds: a product, then fused multiply-adds
         total = trimmed[0] * weights[0]
