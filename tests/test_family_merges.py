@@ -188,3 +188,46 @@ def test_a_nan_in_an_input_stops_the_merge(zoo, nan_model, tmp_path, kernel, met
     with pytest.raises(fusion.FusionError, match="model.layers.0.mlp.up_proj.weight has 1 non-finite"):
         fusion.merge(cfg, tmp_path / "out", kernel=kernel)
     assert not (tmp_path / "out").exists()
+
+
+CHECKED = '''
+import fusion
+
+class Picky(fusion.Strategy):
+    name = "picky"
+    description = "The base; every tensor's parameters are refused (a test plugin)."
+    parameters = ()
+
+    def check(self, params, context):
+        return f"{context.name} is not wanted"
+
+    def merge(self, base, tensors, params, context):
+        return base
+
+@fusion.hookimpl
+def register_strategies(register):
+    register(Picky())
+'''
+
+
+def test_a_strategys_own_check_reports_a_few_problems_and_counts_the_rest(zoo, tmp_path, monkeypatch):
+    from fusion import host
+
+    (tmp_path / "picky.py").write_text(CHECKED)
+    monkeypatch.setattr(host, "_local_plugins", [])
+    host.add_local_plugin(str(tmp_path / "picky.py"))
+    try:
+        root = zoo["llama"]
+        with pytest.raises(fusion.ConfigError) as raised:
+            fusion.plan({"merge_method": "picky", "base_model": str(root / "base"),
+                         "models": [{"model": str(root / "ft1")}]})
+        lines = str(raised.value).splitlines()
+        assert len(lines) == 4 and all(line.startswith("parameters: picky: ") for line in lines), lines
+        for line in lines[:3]:
+            name = line.removeprefix("parameters: picky: ").split(" is not wanted")[0]
+            assert line.endswith(f"{name} is not wanted (tensor {name})"), line
+        more = len(load_folder(root / "base")) - 3
+        assert lines[3].endswith(f"picky: {more} more problems of this kind in other tensors"), lines
+    finally:
+        monkeypatch.setattr(host, "_local_plugins", [])
+        host.reset()
