@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -34,6 +35,12 @@ CONFIGS = {
     "task_arithmetic": "parameters: {weight: 0.3, lambda: 1.0}",
     "ties": "parameters: {weight: 0.3, density: 0.5}",
     "sce": "parameters: {select_topk: 0.1}",
+    "dare_linear": "parameters: {weight: 0.3, density: 0.5}",
+    "dare_ties": "parameters: {weight: 0.3, density: 0.5}",
+    "breadcrumbs": "parameters: {weight: 0.3, density: 0.5, gamma: 0.01}",
+    "breadcrumbs_ties": "parameters: {weight: 0.3, density: 0.5, gamma: 0.01}",
+    "della": "parameters: {weight: 0.3, density: 0.5, epsilon: 0.1}",
+    "della_linear": "parameters: {weight: 0.3, density: 0.5, epsilon: 0.1}",
 }
 
 # Runs `fusion` in this process and reports its own peak RSS (VmHWM) on stderr.
@@ -93,15 +100,20 @@ def io_baseline(root: Path, out: Path) -> tuple[float, float]:
     return read_s, write_s
 
 
-def timed(cmd: list[str]) -> tuple[float, int, str]:
-    """(wall seconds, peak RSS in MB, output) of one command."""
+def timed(cmd: list[str]) -> tuple[float, int, str, float]:
+    """(wall seconds, peak RSS in MB, output, CPU seconds: user + system, every thread) of one
+    command. Wall time well above CPU time / threads is time spent waiting: for the disk, or for
+    the CPUs other processes hold."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}")
     peak = [int(l.split()[1]) for l in proc.stderr.splitlines() if l.startswith("VMHWM")]
-    return wall, (peak[-1] // 1024 if peak else -1), proc.stdout + proc.stderr
+    return wall, (peak[-1] // 1024 if peak else -1), proc.stdout + proc.stderr, cpu
 
 
 def main() -> None:
@@ -141,32 +153,34 @@ def main() -> None:
                        + f"{CONFIGS[method]}\ndtype: bfloat16\n")
         for name, command in runners:
             out = root / f"out-{method}-{name}"
-            walls, peaks, merge_s = [], [], []
+            walls, peaks, merge_s, cpus = [], [], [], []
             for _ in range(args.repeats):
-                wall, peak, text = timed(command(cfg, out))
+                wall, peak, text, cpu = timed(command(cfg, out))
                 walls.append(wall)
+                cpus.append(cpu)
                 peaks.append(peak)
                 m = re.search(r"in \d+ file\(s\), ([\d.]+) s", text)
                 if m:
                     merge_s.append(float(m.group(1)))
             rows.append({"method": method, "kernel": name, "wall": statistics.median(walls),
                          "walls": walls, "merge": statistics.median(merge_s) if merge_s else None,
-                         "rss": max(peaks)})
+                         "rss": max(peaks), "cpu": statistics.median(cpus)})
             r = rows[-1]
             print(f"{method:<16} {name:<8} wall {r['wall']:6.2f} s  (runs {', '.join(f'{w:.2f}' for w in walls)})"
                   f"  merge {r['merge'] if r['merge'] is not None else float('nan'):6.2f} s  "
-                  f"peak RSS {r['rss']:5d} MB", flush=True)
+                  f"peak RSS {r['rss']:5d} MB  CPU {r['cpu']:6.2f} s", flush=True)
             if not args.keep_outputs:
                 shutil.rmtree(out, ignore_errors=True)
 
-    print(f"\n{'method':<16} {'kernel':<8} {'wall s':>7} {'best s':>7} {'merge s':>8} {'peak MB':>8} "
+    print(f"\n{'method':<16} {'kernel':<8} {'wall s':>7} {'best s':>7} {'merge s':>8} {'CPU s':>7} {'peak MB':>8} "
           f"{'wall/IO':>8} {'merge/IO':>9} {'vs torch':>9} {'vs mergekit':>12}")
     for r in rows:
         ref = {x["kernel"]: x["wall"] for x in rows if x["method"] == r["method"]}
         vs = lambda k: f"{ref[k] / r['wall']:.1f}x" if k in ref and r["kernel"] != k else "-"  # noqa: E731
         merge = f"{r['merge']:.2f}" if r["merge"] is not None else "-"
         merge_io = f"{r['merge'] / io_s:.1f}" if r["merge"] is not None else "-"
-        print(f"{r['method']:<16} {r['kernel']:<8} {r['wall']:>7.2f} {min(r['walls']):>7.2f} {merge:>8} {r['rss']:>8d} "
+        print(f"{r['method']:<16} {r['kernel']:<8} {r['wall']:>7.2f} {min(r['walls']):>7.2f} {merge:>8} "
+              f"{r['cpu']:>7.2f} {r['rss']:>8d} "
               f"{r['wall'] / io_s:>8.1f} {merge_io:>9} {vs('torch'):>9} {vs('mergekit'):>12}")
     print(f"(I/O baseline {io_s:.2f} s; 'vs X' = X's wall time / this wall time; "
           f"{os.cpu_count()} CPUs; timings on a shared machine are noisy)")

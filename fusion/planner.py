@@ -193,6 +193,7 @@ def _plan_tensors(plan: Plan) -> None:
             notices.append(f"merge_parts names {part}, but the layout model has no {PART_NAMES[part]}")
     sources_of = ([strategy_base] if strategy_base else []) + plan.models
     unmatched: list[str] = []
+    bad_params: dict[str, list[str]] = {}  # the strategy's own check: problem → tensors
     for name, info in layout.checkpoint.tensors.items():
         role = layout.roles[name]
         tp = TensorPlan(name, role.canonical, role.role, role.layer, info.shape, info.dtype, "carry",
@@ -229,9 +230,31 @@ def _plan_tensors(plan: Plan) -> None:
         seed = tensor_seed(plan.random_seed, name) if plan.random_seed is not None else 0
         tp.context = TensorContext(name, role.canonical, role.role, role.layer, num_layers, merged_shape,
                                    seed=seed, models=tuple(m.label for m, _ in tp.inputs))
+        if (problem := strategy.check(tp.params, tp.context)) is not None:
+            bad_params.setdefault(problem, []).append(name)
+    _report_parameter_problems(config, strategy, bad_params)
     if unmatched:
         notices.append(f"carry_unmatched: {len(unmatched)} tensors of the layout model that another model "
                        f"lacks were carried from the layout model (e.g. {unmatched[0]})")
+
+
+def _report_parameter_problems(config: MergeConfig, strategy: Strategy, bad: dict[str, list[str]]) -> None:
+    """The problems :meth:`Strategy.check` found, each with the first tensor it concerns, at once."""
+    if not bad:
+        return
+    problems = Problems(config.lines)
+    shown = list(bad.items())[:_SHOWN_PROBLEMS]
+    for problem, names in shown:
+        more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+        problems.add("parameters", f"{strategy.name}: {problem} (tensor {names[0]}{more})")
+    if len(bad) > len(shown):
+        problems.add("parameters", f"{strategy.name}: {len(bad) - len(shown)} more problems of this kind "
+                                   f"in other tensors")
+    problems.done()
+
+
+#: distinct parameter problems listed before the rest are only counted
+_SHOWN_PROBLEMS = 3
 
 
 def _match_shapes(tp: TensorPlan, info: TensorInfo, sources: list[tuple[Model, TensorInfo]],

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import fusion
 from fusion.api.selection import topk_count, topk_mask
+from fusion.plugins.task_vectors import INT8_HELP
 
 if TYPE_CHECKING:  # torch is imported in merge(), so that listing plugins stays fast
     import torch
@@ -46,6 +47,10 @@ class Sce(fusion.Strategy):
                      help="all: the selection masks the merge too; weights: it only sets the "
                           "model weights (the FuseChat-2.0 code's variant)"),
         fusion.Param("lambda", float, 1.0, help="λ, scales the merged task vector"),
+        fusion.Param("weight", float, 1.0, per_model=True,
+                     help="accepted for mergekit compatibility; no effect (SCE weighs each model by "
+                          "its share of the squared deltas, and mergekit ignores it too)"),
+        fusion.Param("int8_mask", bool, False, help=INT8_HELP),
     )
 
     def merge(

@@ -3,37 +3,15 @@
 from __future__ import annotations
 
 import fusion
+from fusion.plugins.task_vectors import TaskVectorMerge, family_parameters
 
 
-class TaskArithmetic(fusion.Strategy):
+class TaskArithmetic(TaskVectorMerge):
     name = "task_arithmetic"
     description = "Base plus the weighted sum of task vectors: θ₀ + λ·Σ wᵢ(θᵢ − θ₀)."
     paper = "https://arxiv.org/abs/2212.04089"
-    base = "required"
     elementwise = True
-    parameters = (
-        fusion.Param("weight", float, 1.0, per_model=True, help="wᵢ, the task vector's weight"),
-        fusion.Param("lambda", float, 1.0, help="λ, scales the summed task vectors"),
-        fusion.Param("normalize", bool, False, help="divide by Σ wᵢ (left out when |Σ wᵢ| < 1e-8)"),
-    )
-
-    def merge(self, base, tensors, params, context):
-        weights = params["weight"]
-        delta = tensors[0].sub_(base).mul_(weights[0])  # the inputs are the host's copies
-        for w, t in zip(weights[1:], tensors[1:]):
-            delta.add_(t.sub_(base), alpha=w)
-        if params["normalize"] and abs(sum(weights)) >= 1e-8:
-            delta.div_(sum(weights))
-        return base.add_(delta, alpha=params["lambda"])
-
-    def merge_compiled(self, out, base, tensors, params, context, *, threads, release):
-        from fusion.api import kernels
-
-        weights = params["weight"]
-        return kernels.weighted_sum(
-            out, tensors, weights, base=base, scale=params["lambda"],
-            normalize=params["normalize"] and abs(sum(weights)) >= 1e-8,
-            threads=threads, release=release)
+    parameters = family_parameters(normalize=False, rescale=False, consensus=False, density=None)
 
 
 @fusion.hookimpl

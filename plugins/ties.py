@@ -2,71 +2,24 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import Callable
 
 import fusion
-from fusion.api.selection import topk_count, topk_mask
-
-if TYPE_CHECKING:  # torch is imported in merge(), so that listing plugins stays fast
-    import torch
+from fusion.plugins.task_vectors import TaskVectorMerge, family_parameters
 
 
-class Ties(fusion.Strategy):
+class Ties(TaskVectorMerge):
     name = "ties"
     description = (
         "TIES-Merging: keep each task vector's largest entries, elect a sign per entry, "
         "average the entries that agree with it."
     )
     paper = "https://arxiv.org/abs/2306.01708"
-    base = "required"
-    parameters = (
-        fusion.Param("weight", float, 1.0, per_model=True, help="wᵢ, the task vector's weight"),
-        fusion.Param("density", float, 1.0, per_model=True, minimum=0.0, maximum=1.0,
-                     exclusive_minimum=True,
-                     help="dᵢ, the fraction of entries kept, by magnitude: floor(dᵢ·n)"),
-        fusion.Param("lambda", float, 1.0, help="λ, scales the merged task vector"),
-        fusion.Param("normalize", bool, True,
-                     help="divide by the summed weights of the models that agree with the sign"),
-    )
-
-    def merge(
-        self,
-        base: "torch.Tensor | None",
-        tensors: "Sequence[torch.Tensor]",
-        params: Mapping[str, Any],
-        context: fusion.TensorContext,
-    ) -> "torch.Tensor":
-        import torch
-
-        weights, densities = params["weight"], params["density"]
-        deltas = [t - base for t in tensors]
-
-        # (1) trim: δ̂ᵢ keeps δᵢ on its top-kᵢ positions by |δᵢ|, kᵢ = floor(dᵢ·n).
-        trimmed = [
-            torch.where(topk_mask(d.abs(), topk_count(density, d.numel())), d, 0.0)
-            for d, density in zip(deltas, densities)
-        ]
-        weighted = [w * t for w, t in zip(weights, trimmed)]
-
-        # (2) elect: s = +1 where Σ wᵢδ̂ᵢ ≥ 0, else −1.
-        elected = torch.where(sum(weighted) >= 0, 1.0, -1.0)
-
-        # (3) disjoint merge over mᵢ = [sign(wᵢδ̂ᵢ) = s]; sign(0) = 0 never agrees.
-        agrees = [torch.sign(x) == elected for x in weighted]
-        total = sum(torch.where(m, x, 0.0) for m, x in zip(agrees, weighted))
-        if params["normalize"]:
-            divisor = sum(torch.where(m, w, 0.0) for m, w in zip(agrees, weights))
-            # Where no model agrees the sum is already 0; 1 keeps it 0 instead of 0/0.
-            total = total / torch.where(divisor == 0, 1.0, divisor)
-        return base + params["lambda"] * total
-
-    def merge_compiled(self, out, base, tensors, params, context, *, threads, release):
-        from fusion.api import kernels
-
-        n = kernels.buffer(out).numel
-        return kernels.trimmed_sign_merge(
-            out, base, tensors, params["weight"], [topk_count(d, n) for d in params["density"]],
-            scale=params["lambda"], normalize=params["normalize"], threads=threads, release=release)
+    sparsification = "magnitude"
+    consensus = True
+    parameters = family_parameters(
+        normalize=True, rescale=False, consensus=True,
+        density="the fraction of entries kept, those of largest |δᵢ|: max(1, floor(dᵢ·n))")
 
 
 @fusion.hookimpl

@@ -24,6 +24,7 @@ from fusion.plugins.sce import Sce, _population_variance
 from fusion.plugins.task_arithmetic import TaskArithmetic
 from fusion.plugins.ties import Ties
 from fusion.api.selection import topk_count, topk_mask
+from fusion.api.sparsify import magnitude_count
 from fusion.api.strategy import TensorContext
 
 CTX = TensorContext("tensor")
@@ -199,7 +200,7 @@ def test_ties_equals_reference(case, data):
     weights = data.draw(st.lists(weights_st, min_size=len(models), max_size=len(models)))
     densities = data.draw(st.lists(fractions, min_size=len(models), max_size=len(models)))
     lam, normalize = data.draw(lambdas), data.draw(st.booleans())
-    ks = [topk_count(d, n) for d in densities]
+    ks = [magnitude_count(d, n) for d in densities]
     out = torch.empty(n, dtype=out_dtype)
     masks = [torch.empty(n, dtype=torch.bool) for _ in models]
     kernels.trimmed_sign_merge(out, base, models, weights, ks, scale=lam, normalize=normalize, threads=2,
@@ -234,16 +235,26 @@ def test_sce_equals_reference(case, tau, scope, lam):
 
 
 def sign_merge_reference(base, models, weights, ks, scale, normalize, elect):
-    """trimmed_sign_merge's formula in torch, with or without the sign election."""
+    """trimmed_sign_merge's formula in torch, with or without the sign election; NaN where a task
+    vector is not finite, even where it is trimmed away."""
     b = base.float()
     deltas = [m.float() - b for m in models]
-    weighted = [w * torch.where(topk_mask(d.abs(), min(k, d.numel())), d, 0.0)
-                for w, d, k in zip(weights, deltas, ks)]
-    if elect:
-        elected = torch.where(sum(weighted) >= 0, 1.0, -1.0)
-        agrees = [torch.sign(x) == elected for x in weighted]
-    else:
-        agrees = [torch.ones_like(b, dtype=torch.bool) for _ in weighted]
+    poison = ~torch.stack([d.isfinite() for d in deltas]).all(0)
+    return torch.where(poison, float("nan"), _sign_merge(b, deltas, weights, ks, scale, normalize, elect))
+
+
+def _sign_merge(b, deltas, weights, ks, scale, normalize, elect):
+    trimmed = [torch.where(topk_mask(d.abs(), min(k, d.numel())), d, 0.0) for d, k in zip(deltas, ks)]
+    if not elect:  # added as weighted_sum adds: a product, then fused multiply-adds
+        total = trimmed[0] * weights[0]
+        for w, t in zip(weights[1:], trimmed[1:]):
+            total.add_(t, alpha=w)
+        if normalize:
+            total = total / sum(weights)
+        return b.add_(total, alpha=scale)
+    weighted = [w * t for w, t in zip(weights, trimmed)]
+    elected = torch.where(sum(weighted) >= 0, 1.0, -1.0)
+    agrees = [torch.sign(x) == elected for x in weighted]
     total = sum(torch.where(m, x, 0.0) for m, x in zip(agrees, weighted))
     if normalize:
         divisor = sum(torch.where(m, w, 0.0) for m, w in zip(agrees, weights))
@@ -324,7 +335,7 @@ def test_many_threads_and_ties_on_a_larger_tensor(threads):
     out = torch.empty(n, dtype=torch.bfloat16)
     masks = [torch.empty(n, dtype=torch.bool) for _ in models]
     params = {"weight": [1.0, 0.5, 0.7], "density": [0.5, 0.3, 0.77], "lambda": 0.9, "normalize": True}
-    ks = [topk_count(d, n) for d in params["density"]]
+    ks = [magnitude_count(d, n) for d in params["density"]]
     kernels.trimmed_sign_merge(out, base, models, params["weight"], ks, scale=0.9, normalize=True,
                                threads=threads, masks=masks)
     for mask, model, k in zip(masks, models, ks):

@@ -255,7 +255,7 @@ def test_every_builtin_strategy_end_to_end_on_sharded_bf16(method, densities, to
         out = load_folder(merge(root, text, shard_size=2000))
         assert set(out) == set(base)
         for name, b in base.items():
-            params = {p.name: p.default for p in strategy.parameters}
+            params = {p.name: [p.default] * 2 if p.per_model else p.default for p in strategy.parameters}
             params.update(glob)
             for k in per_model:
                 params[k] = [[0.6, 1.3][i] if k == "weight" else densities[i] for i in range(2)]

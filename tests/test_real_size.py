@@ -123,7 +123,8 @@ def test_viscodex_plan_at_real_size(tmp_path):
         merged = [t for t in plan.tensors if t.action == "merge"]
         assert len(merged) == 339 and all(part_of(t.role) == "language_model" for t in merged)
         assert {t.role for t in plan.tensors if t.action == "carry"} == {"vision_tower", "projector"}
-        assert all(t.params == {"weight": [0.7, 0.3], "lambda": 1.0, "normalize": False} for t in merged)
+        assert all({k: t.params[k] for k in ("weight", "lambda", "normalize")} ==
+                   {"weight": [0.7, 0.3], "lambda": 1.0, "normalize": False} for t in merged)
         text = plan.render()
         headings = [line.split(",")[0] for line in text.splitlines() if line.startswith("== ")]
         assert headings == ["== language model: 339 tensors", "== vision tower: 385 tensors", "== projector: 5 tensors"]

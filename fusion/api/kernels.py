@@ -28,6 +28,7 @@ Importing this module does not import torch.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence, Union
@@ -43,14 +44,15 @@ except ImportError as exc:  # not compiled: the torch reference does the work
 else:
     _why = ""
 
-__all__ = ["Buffer", "available", "buffer", "default_threads", "empty", "from_bytes", "status",
-           "supports", "weighted_sum", "trimmed_sign_merge", "variance_selected_merge", "topk_mask",
-           "convert"]
+__all__ = ["Buffer", "Keep", "available", "buffer", "default_threads", "empty", "from_bytes", "status",
+           "supports", "weighted_sum", "sparsified_merge", "trimmed_sign_merge", "variance_selected_merge",
+           "topk_mask", "convert"]
 
 #: dtype name → code understood by the C kernels
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
 #: sparsification modes of the C sparse merge (fusion/csrc/sparsify.h)
-_SPARSIFY_TOPK = 1
+_NONE, _TOPK, _BAND, _RANDOM, _RANKED = range(5)
+_DRAWS = 1 << 24  # a draw is an integer below 2²⁴ (fusion.api.random keeps 24 bits)
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,53 @@ class Buffer:
 
 if TYPE_CHECKING:
     Tensorish = Union[Buffer, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Keep:
+    """Which entries of one task vector δ = θ − θ₀ :func:`sparsified_merge` keeps: make one with
+    the class methods, which follow :mod:`fusion.api.sparsify` mask for mask. Magnitudes rank in
+    that module's order (larger |δ| first, equal ones by the lower flat index); draws are
+    ``fusion.api.random.uniform(seed, first + j)`` for the entry at flat index j."""
+
+    mode: int
+    a: int = 0
+    b: int = 0
+    seed: int = 0
+    density: float = 0.0
+    epsilon: float = 0.0
+
+    @classmethod
+    def all(cls) -> "Keep":
+        """Every entry."""
+        return cls(_NONE)
+
+    @classmethod
+    def top(cls, k: int) -> "Keep":
+        """The k entries of largest |δ| (none for k = 0, all for k ≥ n)."""
+        return cls(_TOPK, max(0, int(k)))
+
+    @classmethod
+    def band(cls, skip: int, keep: int) -> "Keep":
+        """The ``keep`` entries that follow the ``skip`` largest |δ| (breadcrumbs' band)."""
+        return cls(_BAND, max(0, int(skip)) + max(0, int(keep)), max(0, int(skip)))
+
+    @classmethod
+    def random(cls, seed: int, density: float) -> "Keep":
+        """Entry j iff its draw u < density (DARE): the kernel compares the 24-bit draw with
+        ceil(density·2²⁴), which is the same test."""
+        return cls(_RANDOM, min(_DRAWS, max(0, math.ceil(density * _DRAWS))), seed=seed, density=density)
+
+    @classmethod
+    def ranked(cls, seed: int, density: float, epsilon: float) -> "Keep":
+        """Entry j iff its draw u < pⱼ = (d − ε) + 2ε·ρⱼ, ρⱼ the rank of |δⱼ| within its row (0 for
+        the smallest, 1 for the largest; rows as :func:`fusion.api.sparsify.row_layout`), in
+        float64 (DELLA); d ≥ 1 keeps every entry and d ≤ 0 none."""
+        if density >= 1:
+            return cls.all()
+        if density <= 0:
+            return cls.top(0)
+        return cls(_RANKED, seed=seed, density=float(density), epsilon=float(epsilon))
 
 
 def from_bytes(data: Any, dtype: str, numel: int) -> Buffer:
@@ -191,36 +240,78 @@ def weighted_sum(out: Tensorish, tensors: Sequence[Tensorish], weights: Sequence
                            bool(release))
 
 
+def sparsified_merge(out: Tensorish, base: Tensorish, tensors: Sequence[Tensorish],
+                     weights: Sequence[float], keep: Sequence[Keep], *,
+                     rescale: bool | Sequence[bool] = False, elect_signs: bool = True,
+                     normalize: bool = True, scale: float = 1.0, shape: Sequence[int] | None = None,
+                     first: int = 0, threads: int | None = None, release: bool = False,
+                     masks: Sequence["torch.Tensor"] | None = None) -> tuple[int, list[float | None]]:
+    """Sparsify each task vector, then elect signs and take the mean of the agreeing entries, or
+    add them up:
+
+        δ̂ᵢ = δᵢ = θᵢ − θ₀ on the entries ``keep[i]`` keeps, 0 elsewhere; with ``rescale[i]``,
+             δ̂ᵢ ← sᵢ·δ̂ᵢ, sᵢ = Σ|δᵢ| / Σ|δ̂ᵢ| rounded to float32, unless either is below 1e-7 (the
+             sums as :func:`fusion.api.sparsify.abs_sum`: exact, so order-free)
+        with ``elect_signs``:  xᵢ = wᵢ·δ̂ᵢ;  s = +1 where Σᵢ xᵢ ≥ 0, else −1;  mᵢ = [sign(xᵢ) = s]
+             out = θ₀ + scale · Σᵢ mᵢxᵢ / D,  D = Σᵢ mᵢwᵢ (1 where 0) if ``normalize``, else 1
+        without:  S = Σᵢ wᵢ·δ̂ᵢ, added as :func:`weighted_sum` adds (a product, then fused
+             multiply-adds), divided by Σᵢ wᵢ when ``normalize`` (decide first what a zero sum
+             means);  out = θ₀ + scale·S, fused
+        and NaN wherever some δᵢ is not finite (so such an input is never silently dropped).
+
+    ``shape`` (default: flat) gives DELLA's rows; ``first`` is the draws' index of element 0 (the
+    ``start`` of a chunk). ``masks``, optional contiguous bool tensors of n elements, one per
+    model, receive the keep masks. Float32 arithmetic in the order written.
+
+    Inputs and ``out``: Buffers or contiguous CPU tensors of n bfloat16, float16 or float32
+    numbers, any mix. ``threads``: how many threads share the work (default: every CPU this
+    process may use); the result does not depend on it. ``release``: the inputs are read-only
+    file maps whose pages may be dropped once read (see the top of this module). Returns
+    (non-finite values written, [sᵢ, or None where no factor applied]).
+    """
+    _need()
+    o, code, n = _out(out)
+    inputs = _inputs(base, tensors, n)
+    if len(keep) != len(tensors):
+        raise ValueError(f"keep: expected a rule for each of the {len(tensors)} models, not {len(keep)}")
+    flags = [bool(rescale)] * len(tensors) if isinstance(rescale, bool) else [bool(r) for r in rescale]
+    if len(flags) != len(tensors):
+        raise ValueError(f"rescale: expected a flag for each of the {len(tensors)} models")
+    shape = tuple(shape) if shape is not None else (n,)
+    if math.prod(shape) != n:
+        raise ValueError(f"shape {list(shape)} does not have {n} elements")
+    rows = (1, n, 1) if len(shape) < 2 else (shape[0], shape[1], math.prod(shape[2:]))
+    rules = [(r.mode, f, r.a, r.b, r.seed & (2**64 - 1), float(r.density), float(r.epsilon))
+             for r, f in zip(keep, flags)]
+    mask_ptrs = None if masks is None else [_mask(m, n) for m in masks]
+    return _c.sparse_merge(o, code, n, inputs, [float(w) for w in weights], rules, int(first), rows,
+                           bool(elect_signs), bool(normalize), float(scale), float(sum(weights)),
+                           _threads(threads), bool(release), mask_ptrs)
+
+
 def trimmed_sign_merge(out: Tensorish, base: Tensorish, tensors: Sequence[Tensorish],
                        weights: Sequence[float], ks: Sequence[int], *, scale: float = 1.0,
                        normalize: bool = True, elect_signs: bool = True, threads: int | None = None,
                        release: bool = False, masks: Sequence["torch.Tensor"] | None = None) -> int:
     """Trim each task vector to its largest entries, elect a sign per entry, take the mean of the
-    entries that agree with it:
+    entries that agree with it (TIES): :func:`sparsified_merge` with ``Keep.top(kᵢ)``:
 
         δ̂ᵢ = δᵢ = θᵢ − θ₀ on the kᵢ positions of largest |δᵢ| (ties at the kᵢ-th to the lower
              index, as :func:`fusion.api.selection.topk_mask`), 0 elsewhere;  xᵢ = wᵢ·δ̂ᵢ
         s  = +1 where Σᵢ xᵢ ≥ 0, else −1;   mᵢ = [sign(xᵢ) = s]  (a zero entry never agrees)
         out = θ₀ + scale · Σᵢ mᵢxᵢ / D,   D = Σᵢ mᵢwᵢ (1 where 0) if ``normalize``, else 1
 
-    ``elect_signs=False`` skips the election (every mᵢ = 1, so D = Σᵢ wᵢ). Each kᵢ is a count
-    (0 keeps nothing, n or more everything); ``masks``, optional contiguous bool tensors of n
-    elements, one per model, receive the trimmed positions. Float32 arithmetic in the order
-    written.
-
-    Inputs and ``out``: Buffers or contiguous CPU tensors of n bfloat16, float16 or float32
-    numbers, any mix. ``threads``: how many threads share the work (default: every CPU this
-    process may use); the result does not depend on it. ``release``: the inputs are read-only
-    file maps whose pages may be dropped once read (see the top of this module). Returns the
-    number of non-finite values written.
+    ``elect_signs=False`` skips the election and adds the trimmed task vectors as
+    :func:`sparsified_merge` does. Each kᵢ is a count (0 keeps nothing, n or more everything);
+    ``masks``, optional contiguous bool tensors of n elements, one per model, receive the trimmed
+    positions. Returns the number of non-finite values written; the other arguments are those of
+    :func:`sparsified_merge`.
     """
-    _need()
-    o, code, n = _out(out)
-    inputs = _inputs(base, tensors, n)
-    mask_ptrs = None if masks is None else [_mask(m, n) for m in masks]
-    return _c.sparse_merge(o, code, n, inputs, [float(w) for w in weights], _SPARSIFY_TOPK,
-                           [(int(k),) for k in ks], bool(elect_signs), bool(normalize), float(scale),
-                           _threads(threads), bool(release), mask_ptrs)
+    if len(ks) != len(tensors):
+        raise ValueError(f"ks: expected one count for each of the {len(tensors)} models")
+    bad, _ = sparsified_merge(out, base, tensors, weights, [Keep.top(k) for k in ks], elect_signs=elect_signs,
+                              normalize=normalize, scale=scale, threads=threads, release=release, masks=masks)
+    return bad
 
 
 def variance_selected_merge(out: Tensorish, base: Tensorish, tensors: Sequence[Tensorish], *,

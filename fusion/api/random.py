@@ -29,6 +29,14 @@ def tensor_seed(random_seed: int, name: str) -> int:
     return int.from_bytes(digest, "little")
 
 
+def stream_seed(seed: int, stream: int) -> int:
+    """The seed of independent stream ``stream`` (0, 1, …) of a tensor seeded with ``seed``: a
+    strategy that draws for several models gives model i the stream i, so that models do not
+    drop the same entries. A hash, like :func:`tensor_seed`, in its own domain."""
+    digest = hashlib.blake2b(f"{seed}:{stream}".encode(), digest_size=8, person=b"fusion-stream").digest()
+    return int.from_bytes(digest, "little")
+
+
 def mix(z: int) -> int:
     """SplitMix64's output function on one 64-bit integer (the scalar twin of :func:`uniform`)."""
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK

@@ -111,6 +111,13 @@ class Strategy:
         :meth:`merge`."""
         raise NotImplementedError
 
+    def check(self, params: Mapping[str, Any], context: TensorContext) -> str | None:
+        """A problem with the parameters resolved for one tensor that the declared ranges cannot
+        state (where one parameter's valid range depends on another's), as one sentence that
+        names the model and says how to fix it; None when they are fine. ``fusion plan`` asks
+        for every merged tensor, so a bad value stops the merge before any weight is read."""
+        return None
+
     @property
     def compiled(self) -> bool:
         """Whether this strategy has a compiled path (overrides :meth:`merge_compiled`)."""

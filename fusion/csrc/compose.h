@@ -23,15 +23,19 @@ typedef struct {
 
 int64_t weighted_sum_run(sum_job *s);
 
-/* The sparse merge (TIES when sparsified by magnitude top-k with signs elected):
- *   δ̂ᵢ = sparsify(θᵢ − θ₀), xᵢ = wᵢ·δ̂ᵢ;
- *   with elect: s = +1 where Σ xᵢ ≥ 0, else −1, and mᵢ = [sign(xᵢ) = s]; without: mᵢ = 1;
- *   out = θ₀ + scale · Σ mᵢxᵢ / D, with D = Σ mᵢwᵢ (0 → 1) when normalize, else D = 1. */
+/* The sparse merge: the task-arithmetic family (TIES, DARE, breadcrumbs, DELLA, with or without
+ * the sign election):
+ *   δ̂ᵢ = sparsify(θᵢ − θ₀) (sparsify.h), times its rescale factor where one applies;
+ *   with elect: xᵢ = wᵢ·δ̂ᵢ; s = +1 where Σ xᵢ ≥ 0, else −1; mᵢ = [sign(xᵢ) = s];
+ *     out = θ₀ + scale · Σ mᵢxᵢ / D, with D = Σ mᵢwᵢ (0 → 1) when normalize, else D = 1;
+ *   without: S = Σ wᵢδ̂ᵢ, summed as the weighted sum sums (a product, then fused multiply-adds),
+ *     divided by `divisor` when normalize; out = θ₀ + scale·S by one more;
+ *   and NaN wherever some δᵢ is not finite. */
 typedef struct {
     job_t job;                       /* base in[0], models in[1..] */
     sparsifier sp;
     float w[MAX_INPUTS];             /* per model */
-    float scale;
+    float scale, divisor;
     int elect, normalize;
     unsigned char *mask[MAX_INPUTS]; /* optional: receive each model's keep mask */
 } sparse_job;

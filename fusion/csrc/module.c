@@ -104,35 +104,43 @@ static int parse_masks(PyObject *o, unsigned char **dst, int count) {
     return 1;
 }
 
-/* mode and one tuple of parameters per model (SPARSIFY_TOPK: (k,)) */
-static int parse_sparsifier(sparsifier *sp, int mode, PyObject *params, int nmodels) {
+/* One tuple per model: (mode, rescale, a, b, seed, density, epsilon), a and b being TOPK's
+ * (k, 0), BAND's (skip + keep, skip), RANDOM's (threshold, 0); seed, density and epsilon are
+ * RANDOM's and RANKED's. */
+static int parse_sparsifier(sparsifier *sp, PyObject *params, int nmodels) {
     PyObject *seq;
     Py_ssize_t i;
-    if (mode != SPARSIFY_NONE && mode != SPARSIFY_TOPK) {
-        PyErr_SetString(PyExc_ValueError, "unknown sparsification mode");
-        return 0;
-    }
-    sp->mode = mode;
-    sp->nmodels = nmodels;
-    if (mode == SPARSIFY_NONE) return 1;
     if (!(seq = PySequence_Fast(params, "sparsification parameters must be a sequence"))) return 0;
     if (PySequence_Fast_GET_SIZE(seq) != nmodels) {
         Py_DECREF(seq);
         PyErr_Format(PyExc_ValueError, "expected sparsification parameters for %d models", nmodels);
         return 0;
     }
+    sp->nmodels = nmodels;
     for (i = 0; i < nmodels; i++) {
         PyObject *item = PySequence_Fast_GET_ITEM(seq, i);
-        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 1) {
+        int mode, rescale;
+        long long a, b;
+        unsigned long long seed;
+        if (!PyTuple_Check(item) || !PyArg_ParseTuple(item, "ipLLKdd", &mode, &rescale, &a, &b, &seed,
+                                                       &sp->density[i], &sp->epsilon[i])) {
             Py_DECREF(seq);
-            PyErr_SetString(PyExc_TypeError, "top-k sparsification takes (k,) per model");
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_TypeError, "each model's sparsification is a 7-tuple");
             return 0;
         }
-        sp->k[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(item, 0));
-        if (PyErr_Occurred()) {
+        if (mode < SPARSIFY_NONE || mode > SPARSIFY_RANKED || a < 0 || b < 0 ||
+            (mode == SPARSIFY_RANDOM && a > (1LL << 24))) {
             Py_DECREF(seq);
+            PyErr_SetString(PyExc_ValueError, "bad sparsification parameters");
             return 0;
         }
+        sp->mode[i] = mode;
+        sp->rescale[i] = rescale;
+        sp->k[i] = a;
+        sp->skip[i] = b;
+        sp->threshold[i] = (uint32_t)a;
+        sp->seed[i] = (uint64_t)seed;
     }
     Py_DECREF(seq);
     return 1;
@@ -179,34 +187,57 @@ static PyObject *py_weighted_sum(PyObject *self, PyObject *args) {
     return result(bad);
 }
 
-/* sparse_merge(out, out_dtype, n, inputs, weights, mode, params, elect, normalize, scale,
- * threads, release, masks) → non-finite count */
+/* sparse_merge(out, out_dtype, n, inputs, weights, sparsifiers, first, (outer, length, inner),
+ * elect, normalize, scale, divisor, threads, release, masks) → (non-finite count, [rescale factor
+ * or None per model]) */
 static PyObject *py_sparse_merge(PyObject *self, PyObject *args) {
-    int out_dt, mode, elect, normalize, threads, release;
-    long long n;
-    PyObject *out, *inputs, *weights, *params, *masks;
-    double scale;
+    int out_dt, elect, normalize, threads, release, i;
+    long long n, outer, length, inner;
+    unsigned long long first;
+    PyObject *out, *inputs, *weights, *params, *masks, *factors, *value = NULL;
+    double scale, divisor;
     sparse_job *s;
     int64_t bad;
-    if (!PyArg_ParseTuple(args, "OiLOOiOppdipO", &out, &out_dt, &n, &inputs, &weights, &mode, &params,
-                          &elect, &normalize, &scale, &threads, &release, &masks))
+    if (!PyArg_ParseTuple(args, "OiLOOOK(LLL)ppddipO", &out, &out_dt, &n, &inputs, &weights, &params, &first,
+                          &outer, &length, &inner, &elect, &normalize, &scale, &divisor, &threads, &release,
+                          &masks))
         return NULL;
+    if (outer < 0 || length < 0 || inner < 1 || outer * length * inner != n || length > 0xffffffffLL) {
+        PyErr_SetString(PyExc_ValueError, "the rows do not cover the tensor");
+        return NULL;
+    }
     if (!(s = (sparse_job *)new_job(sizeof(sparse_job)))) return NULL;
     if (!parse_job(&s->job, out, out_dt, n, inputs, 2, threads, release) ||
         !parse_floats(weights, s->w, s->job.nin - 1, "weights") ||
-        !parse_sparsifier(&s->sp, mode, params, s->job.nin - 1) ||
+        !parse_sparsifier(&s->sp, params, s->job.nin - 1) ||
         !parse_masks(masks, s->mask, s->job.nin - 1)) {
         zfree(s, sizeof(sparse_job));
         return NULL;
     }
+    s->sp.first = (uint64_t)first;
+    s->sp.outer = outer, s->sp.length = length, s->sp.inner = inner;
     s->elect = elect;
     s->normalize = normalize;
     s->scale = (float)scale;
+    s->divisor = (float)divisor;
     Py_BEGIN_ALLOW_THREADS
     bad = sparse_merge_run(s);
     Py_END_ALLOW_THREADS
+    if (bad < 0) {
+        zfree(s, sizeof(sparse_job));
+        return PyErr_NoMemory();
+    }
+    if ((factors = PyList_New(s->job.nin - 1))) {
+        for (i = 0; i < s->job.nin - 1; i++) {
+            PyObject *f = s->sp.scaled[i] ? PyFloat_FromDouble(s->sp.factor[i]) : Py_NewRef(Py_None);
+            if (!f) break;
+            PyList_SET_ITEM(factors, i, f);
+        }
+        if (i == s->job.nin - 1) value = Py_BuildValue("(LN)", (long long)bad, factors);
+        else Py_DECREF(factors);
+    }
     zfree(s, sizeof(sparse_job));
-    return result(bad);
+    return value;
 }
 
 /* variance_merge(out, out_dtype, n, inputs, fraction, mask_deltas, scale, threads, release, mask)
@@ -311,7 +342,7 @@ static PyMethodDef methods[] = {
     {"address", py_address, METH_O, "The address of a buffer's bytes."},
     {"empty", py_empty, METH_O, "An uninitialized bytearray."},
     {"weighted_sum", py_weighted_sum, METH_VARARGS, "Weighted sum of inputs, with or without a base."},
-    {"sparse_merge", py_sparse_merge, METH_VARARGS, "Sparsify task vectors, elect signs, weighted mean."},
+    {"sparse_merge", py_sparse_merge, METH_VARARGS, "Sparsify task vectors, then elect signs or sum them."},
     {"variance_merge", py_variance_merge, METH_VARARGS, "Select by variance, weight by energy, erase signs."},
     {"topk_mask", py_topk_mask, METH_VARARGS, "Exact top-k mask of a key buffer."},
     {"convert", py_convert, METH_VARARGS, "Convert between bf16, fp16 and fp32 buffers."},

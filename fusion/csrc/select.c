@@ -65,6 +65,8 @@ typedef struct {
     const job_t *job;
     selector *sel;
     int nsel, low;
+    const int *rows;
+    const int *shares; /* the high-bit pass counts a key row once: selector s uses shares[s]'s table */
     keys_fn keys;
     void *arg;
 } count_pass;
@@ -73,14 +75,14 @@ HOT static void pass_count(void *p, int tid) {
     count_pass *c = (count_pass *)p;
     const job_t *job = c->job;
     uint32_t key[MAX_INPUTS][BLOCK];
-    uint32_t *table[MAX_INPUTS], bucket[MAX_INPUTS];
-    int row[MAX_INPUTS], nactive = 0, s, a;
+    uint32_t *table[2 * MAX_INPUTS], bucket[2 * MAX_INPUTS];
+    int row[2 * MAX_INPUTS], nactive = 0, s, a;
     int64_t pos, next = job->lo[tid] + RELEASE_EVERY;
     for (s = 0; s < c->nsel; s++) {
-        if (c->sel[s].mode != SEL_THRESHOLD) continue;
+        if (c->sel[s].mode != SEL_THRESHOLD || (!c->low && c->shares[s] != s)) continue;
         table[nactive] = sel_table(&c->sel[s], c->low, tid);
         bucket[nactive] = c->sel[s].bucket;
-        row[nactive++] = s;
+        row[nactive++] = c->rows ? c->rows[s] : s;
     }
     for (pos = job->lo[tid]; nactive && pos < job->lo[tid + 1]; pos += BLOCK) {
         int m = block_len(job, tid, pos);
@@ -93,14 +95,26 @@ HOT static void pass_count(void *p, int tid) {
     }
 }
 
-int select_thresholds(const job_t *job, selector *sel, int nsel, keys_fn keys, void *arg) {
-    count_pass c = {job, sel, nsel, 0, keys, arg};
-    int s, need_low = 0, ok = 1;
-    for (s = 0; s < nsel; s++)
+int select_thresholds(const job_t *job, selector *sel, int nsel, const int *rows, keys_fn keys, void *arg) {
+    int shares[2 * MAX_INPUTS];
+    count_pass c = {job, sel, nsel, 0, rows, shares, keys, arg};
+    int s, t, need_low = 0, ok = 1;
+    for (s = 0; s < nsel; s++) {
         if (sel[s].mode == SEL_THRESHOLD && !sel_alloc(&sel[s], job->nth)) ok = 0;
+        shares[s] = s; /* the first selector of the same key row counts its high bits for both */
+        for (t = 0; t < s && sel[s].mode == SEL_THRESHOLD; t++)
+            if (sel[t].mode == SEL_THRESHOLD && (rows ? rows[t] == rows[s] : 0)) {
+                shares[s] = t;
+                break;
+            }
+    }
     if (ok) {
         run_threads(&c, job, pass_count);
-        for (s = 0; s < nsel; s++) need_low |= sel_after_hi(&sel[s], job->nth);
+        for (s = 0; s < nsel; s++) {
+            if (shares[s] != s)
+                memcpy(sel[s].hist_hi, sel[shares[s]].hist_hi, (size_t)job->nth * 65536 * 4);
+            need_low |= sel_after_hi(&sel[s], job->nth);
+        }
         if (need_low) {
             c.low = 1;
             run_threads(&c, job, pass_count);
@@ -151,7 +165,7 @@ int topk_mask_run(const void *key, int dt, int64_t n, int64_t k, unsigned char *
     mj->mask = mask;
     job_split(&mj->job, n, threads);
     sel_set_k(&mj->sel, k, n);
-    if (select_thresholds(&mj->job, &mj->sel, 1, mask_keys, mj) == 0) {
+    if (select_thresholds(&mj->job, &mj->sel, 1, NULL, mask_keys, mj) == 0) {
         run_threads(mj, &mj->job, pass_mask);
         rc = 0;
     }

@@ -82,9 +82,10 @@ INLINE void sel_block(const selector *s, const uint32_t *key, int m, unsigned ch
 typedef void (*keys_fn)(void *arg, int64_t pos, int m, uint32_t (*key)[BLOCK]);
 
 /* Find the threshold of every selector in SEL_THRESHOLD mode (k already set) with the passes
- * above, keys given by keys(arg, ...) on job's ranges; the count tables are freed again.
+ * above, keys given by keys(arg, ...) on job's ranges (selector s ranks key row rows[s], or row s
+ * when rows is NULL; several selectors may share a row); the count tables are freed again.
  * Returns 0, or -1 when out of memory. */
-int select_thresholds(const job_t *job, selector *sel, int nsel, keys_fn keys, void *arg);
+int select_thresholds(const job_t *job, selector *sel, int nsel, const int *rows, keys_fn keys, void *arg);
 
 /* mask = topk_mask(key, k) over n keys of dtype dt. Returns 0, or -1 when out of memory. */
 int topk_mask_run(const void *key, int dt, int64_t n, int64_t k, unsigned char *mask, int threads);
