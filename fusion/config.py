@@ -58,6 +58,9 @@ class MergeConfig:
     lines: dict[str, int] = field(default_factory=dict)
     #: the folder relative model paths are taken from; default: the config file's, else the cwd
     folder: Path | None = None
+    #: problems found while reading it, not raised yet (``check=False``): the planner adds the
+    #: strategy's and reports them all together
+    problems: list[ConfigError] = field(default_factory=list)
 
     def line(self, path: str) -> int | None:
         return self.lines.get(path)
@@ -71,25 +74,34 @@ class MergeConfig:
             return Path(self.folder)
         return self.source.resolve().parent if self.source else Path.cwd()
 
+    def raise_problems(self) -> "MergeConfig":
+        problems = Problems(self.lines)
+        problems.errors = list(self.problems)
+        problems.done()
+        return self
+
     @classmethod
-    def from_mapping(cls, data: Any, *, base_dir: str | Path | None = None) -> "MergeConfig":
+    def from_mapping(cls, data: Any, *, base_dir: str | Path | None = None, check: bool = True) -> "MergeConfig":
         """A config from data shaped like the YAML file (a dict, e.g. built in a notebook), with
         the same validation and messages; relative model paths are taken from ``base_dir``
-        (default: the current folder)."""
+        (default: the current folder). ``check=False`` keeps the problems found in
+        :attr:`problems` instead of raising them."""
         import yaml
 
         text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True) if isinstance(data, Mapping) else ""
         config = _from_document(Document(data, {}, None, text))
         config.folder = Path(base_dir) if base_dir is not None else None
-        return config
+        return config.raise_problems() if check else config
 
 
-def load_config(path: str | Path) -> MergeConfig:
-    return _from_document(read_document(path))
+def load_config(path: str | Path, *, check: bool = True) -> MergeConfig:
+    config = _from_document(read_document(path))
+    return config.raise_problems() if check else config
 
 
-def parse_config(text: str, source: Path | None = None) -> MergeConfig:
-    return _from_document(parse_document(text, source))
+def parse_config(text: str, source: Path | None = None, *, check: bool = True) -> MergeConfig:
+    config = _from_document(parse_document(text, source))
+    return config.raise_problems() if check else config
 
 
 def _from_document(doc: Document) -> MergeConfig:
@@ -176,6 +188,6 @@ def _from_document(doc: Document) -> MergeConfig:
         source=doc.source,
         text=doc.text,
         lines=lines,
+        problems=problems.errors,
     )
-    problems.done()
     return config

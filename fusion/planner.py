@@ -118,14 +118,22 @@ def _missing_message(name: str, role: TensorRole, model: Model, layout: Model) -
             f"`carry_unmatched: true` to carry such tensors from the layout model")
 
 
-def _check(config: MergeConfig, strategy: Strategy) -> None:
-    """What the config and the strategy must agree on before any model is opened."""
+def _check(config: MergeConfig) -> Strategy:
+    """The config's own problems and what it and the strategy must agree on, all reported
+    together before any model is opened."""
     problems = Problems(config.lines)
-    check_parameters(config, strategy, problems)
-    if strategy.base == "required" and not config.base_model:
-        problems.add("merge_method", f"{strategy.name} needs a base_model to take task vectors from; "
-                                     f"add `base_model: <path or Hub name>`")
+    problems.errors += config.problems
+    strategy = None
+    if config.merge_method:
+        with problems.collect():
+            strategy = get_strategy(config.merge_method, "merge_method", config.line("merge_method"))
+    if strategy is not None:
+        check_parameters(config, strategy, problems)
+        if strategy.base == "required" and not config.base_model:
+            problems.add("merge_method", f"{strategy.name} needs a base_model to take task vectors from; "
+                                         f"add `base_model: <path or Hub name>`")
     problems.done()
+    return strategy
 
 
 def _check_model_count(config: MergeConfig, strategy: Strategy, count: int) -> None:
@@ -141,8 +149,7 @@ def build_plan(config: MergeConfig, options: ResolveOptions | None = None, *,
     """Open the models ``config`` names and plan every output tensor; ``random_seed`` overrides
     the config's."""
     options = options or ResolveOptions(base_dir=config.base_dir)
-    strategy = get_strategy(config.merge_method, "merge_method", config.line("merge_method"))
-    _check(config, strategy)
+    strategy = _check(config)
     opened = ModelSet(options)
     notices = opened.notices
     if (note := clash("strategy", strategy.name)) is not None:
