@@ -8,11 +8,17 @@ succeeds and fusion runs on its torch reference path (``fusion plugins`` says wh
 """
 
 import sys
+from pathlib import Path
 
 from setuptools import Extension, find_packages, setup
 
+# -ffp-contract=off: a multiply and an add fuse only where the torch reference fuses them (fmaf).
+# -fvisibility=hidden: the sources call each other, but only PyInit__kernels is the module's.
 args = [] if sys.platform == "win32" else ["-O3", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno",
-                                          "-std=c99", "-D_GNU_SOURCE", "-pthread"]
+                                          "-std=c99", "-D_GNU_SOURCE", "-pthread", "-fvisibility=hidden"]
+# One extension from several sources, split by concern (fusion/csrc/compose.h lists what they compute).
+sources = [f"fusion/csrc/{name}.c" for name in ("module", "threads", "convert", "select", "sparsify",
+                                                  "sums", "sparse_merge", "variance_merge")]
 mapped = {"fusion.plugins": "plugins", "fusion.registry": "registry"}
 packages = find_packages(include=["fusion", "fusion.*"], exclude=["fusion.csrc"])
 for name, folder in mapped.items():
@@ -25,7 +31,8 @@ setup(
     exclude_package_data={"fusion": ["csrc/*"]},
     ext_modules=[Extension(
         "fusion.api._kernels",
-        sources=["fusion/csrc/kernels.c"],
+        sources=sources,
+        depends=sorted(str(p) for p in Path("fusion/csrc").glob("*.h")),
         extra_compile_args=args,
         extra_link_args=[] if sys.platform == "win32" else ["-pthread"],
         optional=True,

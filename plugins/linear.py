@@ -40,8 +40,8 @@ class Linear(fusion.Strategy):
 
         if params["normalize"]:
             _denominator(params["weight"])
-        return kernels.linear(out, tensors, params["weight"], normalize=params["normalize"],
-                              threads=threads, release=release)
+        return kernels.weighted_sum(out, tensors, params["weight"], normalize=params["normalize"],
+                                    threads=threads, release=release)
 
 
 @fusion.hookimpl

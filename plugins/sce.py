@@ -91,9 +91,10 @@ class Sce(fusion.Strategy):
     def merge_compiled(self, out, base, tensors, params, context, *, threads, release):
         from fusion.api import kernels
 
-        bad, _ = kernels.sce(out, base, tensors, tau=params["select_topk"],
-                             scope_all=params["select_scope"] == "all", lam=params["lambda"],
-                             threads=threads, release=release)
+        bad, _ = kernels.variance_selected_merge(
+            out, base, tensors, fraction=params["select_topk"],
+            mask_deltas=params["select_scope"] == "all", scale=params["lambda"],
+            threads=threads, release=release)
         return bad
 
 

@@ -30,8 +30,8 @@ class TaskArithmetic(fusion.Strategy):
         from fusion.api import kernels
 
         weights = params["weight"]
-        return kernels.task_arithmetic(
-            out, base, tensors, weights, lam=params["lambda"],
+        return kernels.weighted_sum(
+            out, tensors, weights, base=base, scale=params["lambda"],
             normalize=params["normalize"] and abs(sum(weights)) >= 1e-8,
             threads=threads, release=release)
 

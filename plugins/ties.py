@@ -64,9 +64,9 @@ class Ties(fusion.Strategy):
         from fusion.api import kernels
 
         n = kernels.buffer(out).numel
-        return kernels.ties(
+        return kernels.trimmed_sign_merge(
             out, base, tensors, params["weight"], [topk_count(d, n) for d in params["density"]],
-            lam=params["lambda"], normalize=params["normalize"], threads=threads, release=release)
+            scale=params["lambda"], normalize=params["normalize"], threads=threads, release=release)
 
 
 @fusion.hookimpl

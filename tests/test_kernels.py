@@ -202,7 +202,8 @@ def test_ties_equals_reference(case, data):
     ks = [topk_count(d, n) for d in densities]
     out = torch.empty(n, dtype=out_dtype)
     masks = [torch.empty(n, dtype=torch.bool) for _ in models]
-    kernels.ties(out, base, models, weights, ks, lam=lam, normalize=normalize, threads=2, masks=masks)
+    kernels.trimmed_sign_merge(out, base, models, weights, ks, scale=lam, normalize=normalize, threads=2,
+                               masks=masks)
     for mask, model, k in zip(masks, models, ks):
         assert torch.equal(mask, topk_mask((model.float() - base.float()).abs(), k))
     params = {"weight": weights, "density": densities, "lambda": lam, "normalize": normalize}
@@ -216,7 +217,8 @@ def test_sce_equals_reference(case, tau, scope, lam):
     n = base.numel()
     out = torch.empty(n, dtype=out_dtype)
     mask = torch.empty(n, dtype=torch.bool)
-    kernels.sce(out, base, models, tau=tau, scope_all=scope == "all", lam=lam, threads=2, mask=mask)
+    kernels.variance_selected_merge(out, base, models, fraction=tau, mask_deltas=scope == "all", scale=lam,
+                                    threads=2, mask=mask)
     if tau < 1:
         variance = _population_variance([m.float() - base.float() for m in models])
         expected = topk_mask(variance, topk_count(tau, int(torch.count_nonzero(variance))))
@@ -225,6 +227,84 @@ def test_sce_equals_reference(case, tau, scope, lam):
     assert torch.equal(mask, expected)
     params = {"select_topk": tau, "select_scope": scope, "lambda": lam}
     assert_within_one_ulp(out, reference(Sce(), base, models, params, out_dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks beyond what the built-in strategies use
+
+
+def sign_merge_reference(base, models, weights, ks, scale, normalize, elect):
+    """trimmed_sign_merge's formula in torch, with or without the sign election."""
+    b = base.float()
+    deltas = [m.float() - b for m in models]
+    weighted = [w * torch.where(topk_mask(d.abs(), min(k, d.numel())), d, 0.0)
+                for w, d, k in zip(weights, deltas, ks)]
+    if elect:
+        elected = torch.where(sum(weighted) >= 0, 1.0, -1.0)
+        agrees = [torch.sign(x) == elected for x in weighted]
+    else:
+        agrees = [torch.ones_like(b, dtype=torch.bool) for _ in weighted]
+    total = sum(torch.where(m, x, 0.0) for m, x in zip(agrees, weighted))
+    if normalize:
+        divisor = sum(torch.where(m, w, 0.0) for m, w in zip(agrees, weights))
+        total = total / torch.where(divisor == 0, 1.0, divisor)
+    return b + scale * total
+
+
+@needs_c
+@given(inputs(), st.data())
+def test_trimmed_sign_merge_with_and_without_the_election(case, data):
+    base, models, out_dtype = case
+    n = base.numel()
+    weights = data.draw(st.lists(weights_st, min_size=len(models), max_size=len(models)))
+    ks = data.draw(st.lists(st.integers(0, n + 2), min_size=len(models), max_size=len(models)))
+    scale, normalize, elect = data.draw(lambdas), data.draw(st.booleans()), data.draw(st.booleans())
+    out = torch.empty(n, dtype=out_dtype)
+    masks = [torch.empty(n, dtype=torch.bool) for _ in models]
+    kernels.trimmed_sign_merge(out, base, models, weights, ks, scale=scale, normalize=normalize,
+                               elect_signs=elect, threads=2, masks=masks)
+    for mask, model, k in zip(masks, models, ks):
+        assert torch.equal(mask, topk_mask((model.float() - base.float()).abs(), min(k, n)))
+    expected = sign_merge_reference(base, models, weights, ks, scale, normalize, elect)
+    assert_within_one_ulp(out, expected.to(out_dtype))
+
+
+@needs_c
+@given(inputs(), st.data())
+def test_weighted_sum_without_a_base_scales_the_sum(case, data):
+    _, models, out_dtype = case
+    weights = data.draw(st.lists(weights_st, min_size=len(models), max_size=len(models)))
+    scale = data.draw(lambdas)
+    params = {"weight": weights, "normalize": data.draw(st.booleans()) and abs(sum(weights)) >= 1e-8}
+    out = torch.empty(models[0].numel(), dtype=out_dtype)
+    kernels.weighted_sum(out, models, weights, scale=scale, normalize=params["normalize"], threads=2)
+    expected = Linear().merge(None, [m.float() for m in models], params, CTX)
+    assert_within_one_ulp(out, (expected if scale == 1.0 else expected * scale).to(out_dtype))
+
+
+@needs_c
+def test_building_blocks_reject_mismatched_arguments():
+    base, models = torch.zeros(8), [torch.ones(8), torch.ones(8)]
+    out = torch.empty(8)
+    with pytest.raises(ValueError, match="weights"):
+        kernels.trimmed_sign_merge(out, base, models, [1.0], [4, 4])
+    with pytest.raises(ValueError, match="2 models"):
+        kernels.trimmed_sign_merge(out, base, models, [1.0, 1.0], [4])
+    with pytest.raises(ValueError, match="expected 8 elements"):
+        kernels.weighted_sum(out, [torch.ones(9)], [1.0])
+    with pytest.raises(ValueError, match="inputs"):
+        kernels.variance_selected_merge(out, base, [], fraction=0.5)
+    with pytest.raises(TypeError, match="not supported"):
+        kernels.weighted_sum(out, [torch.ones(8, dtype=torch.float64)], [1.0])
+
+
+def test_the_building_blocks_are_documented_and_name_no_strategy():
+    from fusion.host import strategies
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "plugins.md").read_text()
+    for name in kernels.__all__:
+        assert f"`{name}" in doc, f"fusion.api.kernels.{name} is not in docs/plugins.md"
+        assert name not in strategies(), f"fusion.api.kernels.{name} is named after a strategy"
 
 
 def _big_family(n: int, seed: int):
@@ -245,8 +325,8 @@ def test_many_threads_and_ties_on_a_larger_tensor(threads):
     masks = [torch.empty(n, dtype=torch.bool) for _ in models]
     params = {"weight": [1.0, 0.5, 0.7], "density": [0.5, 0.3, 0.77], "lambda": 0.9, "normalize": True}
     ks = [topk_count(d, n) for d in params["density"]]
-    kernels.ties(out, base, models, params["weight"], ks, lam=0.9, normalize=True, threads=threads,
-                 masks=masks)
+    kernels.trimmed_sign_merge(out, base, models, params["weight"], ks, scale=0.9, normalize=True,
+                               threads=threads, masks=masks)
     for mask, model, k in zip(masks, models, ks):
         assert torch.equal(mask, topk_mask((model.float() - base.float()).abs(), k))
     assert_within_one_ulp(out, reference(Ties(), base, models, params, torch.bfloat16))
@@ -254,8 +334,8 @@ def test_many_threads_and_ties_on_a_larger_tensor(threads):
     variance = _population_variance(deltas)
     for tau in (0.1, 0.7):
         mask = torch.empty(n, dtype=torch.bool)
-        _, energies = kernels.sce(out, base, models, tau=tau, scope_all=True, lam=1.0, threads=threads,
-                                  mask=mask)
+        _, energies = kernels.variance_selected_merge(out, base, models, fraction=tau, mask_deltas=True,
+                                                      scale=1.0, threads=threads, mask=mask)
         params = {"select_topk": tau, "select_scope": "all", "lambda": 1.0}
         assert_within_one_ulp(out, reference(Sce(), base, models, params, torch.bfloat16))
         selected = topk_mask(variance, topk_count(tau, int(torch.count_nonzero(variance))))
@@ -410,7 +490,8 @@ def test_sce_kernel_energies_are_sums_of_squares():
     base = torch.zeros(5, dtype=torch.float32)
     models = [torch.tensor([1.0, -2.0, 0.0, 0.5, 3.0]), torch.tensor([0.25, 0.0, 0.0, 0.0, -1.0])]
     out = torch.empty(5)
-    _, energies = kernels.sce(out, base, models, tau=1.0, scope_all=True, lam=1.0)
+    _, energies = kernels.variance_selected_merge(out, base, models, fraction=1.0, mask_deltas=True,
+                                                  scale=1.0)
     assert energies == [sum(x * x for x in m.tolist()) for m in models]
     assert math.isclose(sum(energies), 15.3125)
 

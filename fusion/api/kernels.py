@@ -1,21 +1,24 @@
-"""The compiled merge kernels: exact, fused, threaded C versions of the built-in strategies.
+"""Compiled building blocks for a strategy's ``merge_compiled``: exact, threaded merges over raw
+buffers, and the selection and conversions they are made of.
 
 The C extension (``fusion.api._kernels``) is built by ``pip install`` when a C compiler is present;
 without one the install still succeeds and every merge runs on the torch reference
-(:func:`available` says which). The functions here take flat runs of bfloat16, float16 or
-float32 numbers, as :class:`Buffer` objects or contiguous CPU torch tensors (in a merge, Buffers
-over the read-only memory maps of the input files: torch is not even imported), and write the
-result straight into ``out``, a buffer of the output dtype:
+(:func:`available` says which). The merges take flat runs of bfloat16, float16 or float32 numbers,
+as :class:`Buffer` objects or contiguous CPU torch tensors (in a merge, Buffers over the
+read-only memory maps of the input files: torch is not even imported), and write the result
+straight into ``out``, a buffer of the output dtype:
 
-- arithmetic in float32 in the reference's order, rounded once to the output dtype (nearest
-  even, as torch's cast), so results equal the torch reference's; SCE's float64 sums of squares
-  are added in another order, which can move a result by one unit in the last place at most;
+- arithmetic in float32 in the order each formula is written (the order of the plain torch
+  expression), rounded once to the output dtype (nearest even, as torch's cast); a multiply and an
+  add fuse only where a docstring says so; float64 sums of squares are the one sum taken in
+  another order, which can move a result by one unit in the last place;
 - top-k selection by radix select on the keys' bit patterns, ties at the k-th key to the lower
   index: the same masks as :func:`fusion.api.selection.topk_mask`;
 - no full-size float32 temporaries: each pass streams the inputs in small blocks;
-- ``threads`` pthreads, started with the GIL released, each on one contiguous range.
+- ``threads`` (default :func:`default_threads`) pthreads, started with the GIL released, each
+  on one contiguous range; the result does not depend on it.
 
-Each merge function returns the number of non-finite values it wrote (the host rejects them).
+Each merge returns the number of non-finite values it wrote (the host rejects them).
 ``release=True`` promises that the inputs are read-only file maps: the kernels then drop the
 pages they have read from the process as they go, so resident memory does not grow with the
 tensor. Never pass it for tensors in ordinary memory (their contents would be lost).
@@ -27,7 +30,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence, Union
 
 if TYPE_CHECKING:
     import torch
@@ -41,10 +44,13 @@ else:
     _why = ""
 
 __all__ = ["Buffer", "available", "buffer", "default_threads", "empty", "from_bytes", "status",
-           "supports", "linear", "task_arithmetic", "ties", "sce", "topk_mask", "convert"]
+           "supports", "weighted_sum", "trimmed_sign_merge", "variance_selected_merge", "topk_mask",
+           "convert"]
 
 #: dtype name → code understood by the C kernels
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
+#: sparsification modes of the C sparse merge (fusion/csrc/sparsify.h)
+_SPARSIFY_TOPK = 1
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,10 @@ class Buffer:
     dtype: str
     numel: int
     owner: Any = None
+
+
+if TYPE_CHECKING:
+    Tensorish = Union[Buffer, torch.Tensor]
 
 
 def from_bytes(data: Any, dtype: str, numel: int) -> Buffer:
@@ -73,7 +83,7 @@ def empty(nbytes: int) -> bytearray:
     return _c.empty(nbytes)
 
 
-def buffer(obj: "Buffer | torch.Tensor") -> Buffer:
+def buffer(obj: "Tensorish") -> Buffer:
     """A :class:`Buffer` for a Buffer or a contiguous CPU torch tensor."""
     if isinstance(obj, Buffer):
         return obj
@@ -116,7 +126,7 @@ def _need() -> None:
                           "where a C compiler is available, or use --kernel torch")
 
 
-def _buffer(t: "Buffer | torch.Tensor", n: int, what: str) -> tuple[int, int]:
+def _buffer(t: "Tensorish", n: int, what: str) -> tuple[int, int]:
     b = buffer(t)
     code = DTYPE_CODES.get(b.dtype)
     if code is None:
@@ -135,52 +145,9 @@ def _threads(threads: int | None) -> int:
     return default_threads() if threads is None else max(1, int(threads))
 
 
-def linear(out: "Buffer | torch.Tensor", tensors: Sequence["Buffer | torch.Tensor"], weights: Sequence[float], *,
-           normalize: bool, threads: int | None = None, release: bool = False) -> int:
-    """out = Σ wᵢθᵢ, divided by Σ wᵢ when ``normalize`` (the caller rejects a zero sum)."""
-    _need()
+def _out(out: "Tensorish") -> tuple[int, int, int]:
     n = buffer(out).numel
-    o, code = _buffer(out, n, "out")
-    return _c.elementwise(0, o, code, n, _inputs(None, tensors, n), [float(w) for w in weights],
-                          1.0, bool(normalize), float(sum(weights)), _threads(threads), bool(release))
-
-
-def task_arithmetic(out: "Buffer | torch.Tensor", base: "Buffer | torch.Tensor", tensors: Sequence["Buffer | torch.Tensor"],
-                    weights: Sequence[float], *, lam: float, normalize: bool,
-                    threads: int | None = None, release: bool = False) -> int:
-    """out = θ₀ + λ·Σ wᵢ(θᵢ − θ₀), the sum divided by Σ wᵢ when ``normalize``."""
-    _need()
-    n = buffer(out).numel
-    o, code = _buffer(out, n, "out")
-    return _c.elementwise(1, o, code, n, _inputs(base, tensors, n), [0.0] + [float(w) for w in weights],
-                          float(lam), bool(normalize), float(sum(weights)), _threads(threads), bool(release))
-
-
-def ties(out: "Buffer | torch.Tensor", base: "Buffer | torch.Tensor", tensors: Sequence["Buffer | torch.Tensor"],
-         weights: Sequence[float], ks: Sequence[int], *, lam: float, normalize: bool,
-         threads: int | None = None, release: bool = False,
-         masks: Sequence["torch.Tensor"] | None = None) -> int:
-    """TIES with kᵢ entries of each task vector kept; ``masks`` (bool tensors, optional)
-    receive the trim masks."""
-    _need()
-    n = buffer(out).numel
-    o, code = _buffer(out, n, "out")
-    mask_ptrs = None if masks is None else [_mask(m, n) for m in masks]
-    return _c.ties(o, code, n, _inputs(base, tensors, n), [float(w) for w in weights],
-                   [int(k) for k in ks], float(lam), bool(normalize), _threads(threads),
-                   bool(release), mask_ptrs)
-
-
-def sce(out: "Buffer | torch.Tensor", base: "Buffer | torch.Tensor", tensors: Sequence["Buffer | torch.Tensor"], *,
-        tau: float, scope_all: bool, lam: float, threads: int | None = None,
-        release: bool = False, mask: "torch.Tensor | None" = None) -> tuple[int, list[float]]:
-    """SCE; returns (non-finite count, Σ(δᵢ⊙S)² per model). ``mask`` (bool, optional) receives
-    the selection S."""
-    _need()
-    n = buffer(out).numel
-    o, code = _buffer(out, n, "out")
-    return _c.sce(o, code, n, _inputs(base, tensors, n), float(tau), bool(scope_all), float(lam),
-                  _threads(threads), bool(release), None if mask is None else [_mask(mask, n)])
+    return (*_buffer(out, n, "out"), n)
 
 
 def _mask(m: "torch.Tensor", n: int) -> int:
@@ -191,8 +158,112 @@ def _mask(m: "torch.Tensor", n: int) -> int:
     return m.data_ptr()
 
 
+# ---------------------------------------------------------------------------------------------
+# Merges
+
+
+def weighted_sum(out: Tensorish, tensors: Sequence[Tensorish], weights: Sequence[float], *,
+                 base: Tensorish | None = None, scale: float = 1.0, normalize: bool = False,
+                 threads: int | None = None, release: bool = False) -> int:
+    """The weighted sum of ``tensors``, or of their differences from ``base``:
+
+        S = Σᵢ wᵢ·θᵢ            without a base,   out = scale·S
+        S = Σᵢ wᵢ·(θᵢ − θ₀)     with base θ₀,     out = θ₀ + scale·S
+
+    with S divided by Σ wᵢ before the scaling when ``normalize``. In float32, in model order: the
+    first term a product, each next one added by a fused multiply-add (as
+    ``Tensor.add_(t, alpha=w)``), the scaled sum added to θ₀ by another (as
+    ``θ₀.add_(S, alpha=scale)``). The divisor is the float64 sum of ``weights`` rounded to
+    float32; a zero sum divides by zero (inf/NaN, counted as non-finite), so decide before calling
+    what a zero sum means.
+
+    Inputs and ``out``: Buffers or contiguous CPU tensors of n bfloat16, float16 or float32
+    numbers, any mix. ``threads``: how many threads share the work (default: every CPU this
+    process may use); the result does not depend on it. ``release``: the inputs are read-only
+    file maps whose pages may be dropped once read (see the top of this module). Returns the
+    number of non-finite values written.
+    """
+    _need()
+    o, code, n = _out(out)
+    inputs = _inputs(base, tensors, n)
+    return _c.weighted_sum(o, code, n, inputs, [float(w) for w in weights], base is not None,
+                           float(scale), bool(normalize), float(sum(weights)), _threads(threads),
+                           bool(release))
+
+
+def trimmed_sign_merge(out: Tensorish, base: Tensorish, tensors: Sequence[Tensorish],
+                       weights: Sequence[float], ks: Sequence[int], *, scale: float = 1.0,
+                       normalize: bool = True, elect_signs: bool = True, threads: int | None = None,
+                       release: bool = False, masks: Sequence["torch.Tensor"] | None = None) -> int:
+    """Trim each task vector to its largest entries, elect a sign per entry, take the mean of the
+    entries that agree with it:
+
+        δ̂ᵢ = δᵢ = θᵢ − θ₀ on the kᵢ positions of largest |δᵢ| (ties at the kᵢ-th to the lower
+             index, as :func:`fusion.api.selection.topk_mask`), 0 elsewhere;  xᵢ = wᵢ·δ̂ᵢ
+        s  = +1 where Σᵢ xᵢ ≥ 0, else −1;   mᵢ = [sign(xᵢ) = s]  (a zero entry never agrees)
+        out = θ₀ + scale · Σᵢ mᵢxᵢ / D,   D = Σᵢ mᵢwᵢ (1 where 0) if ``normalize``, else 1
+
+    ``elect_signs=False`` skips the election (every mᵢ = 1, so D = Σᵢ wᵢ). Each kᵢ is a count
+    (0 keeps nothing, n or more everything); ``masks``, optional contiguous bool tensors of n
+    elements, one per model, receive the trimmed positions. Float32 arithmetic in the order
+    written.
+
+    Inputs and ``out``: Buffers or contiguous CPU tensors of n bfloat16, float16 or float32
+    numbers, any mix. ``threads``: how many threads share the work (default: every CPU this
+    process may use); the result does not depend on it. ``release``: the inputs are read-only
+    file maps whose pages may be dropped once read (see the top of this module). Returns the
+    number of non-finite values written.
+    """
+    _need()
+    o, code, n = _out(out)
+    inputs = _inputs(base, tensors, n)
+    mask_ptrs = None if masks is None else [_mask(m, n) for m in masks]
+    return _c.sparse_merge(o, code, n, inputs, [float(w) for w in weights], _SPARSIFY_TOPK,
+                           [(int(k),) for k in ks], bool(elect_signs), bool(normalize), float(scale),
+                           _threads(threads), bool(release), mask_ptrs)
+
+
+def variance_selected_merge(out: Tensorish, base: Tensorish, tensors: Sequence[Tensorish], *,
+                            fraction: float, mask_deltas: bool = True, scale: float = 1.0,
+                            threads: int | None = None, release: bool = False,
+                            mask: "torch.Tensor | None" = None) -> tuple[int, list[float]]:
+    """Select the positions where the task vectors vary most across models, weight each model by
+    its energy there, and drop the entries whose sign disagrees with the elected one:
+
+        v  = (1/N)·Σᵢ (δᵢ − μ)², μ = (1/N)·Σᵢ δᵢ, per position (float64, rounded to float32)
+        S  = the floor(fraction·count_nonzero(v)) positions of largest v, ties to the lower
+             index (every position when fraction ≥ 1)
+        ηᵢ = Σ(δᵢ⊙S)² / Σⱼ Σ(δⱼ⊙S)²   (1/N each when the total is 0)
+        δ̃ᵢ = δᵢ⊙S if ``mask_deltas`` else δᵢ;  s = +1 where Σᵢ δ̃ᵢ ≥ 0, else −1;
+        mᵢ = [sign(δ̃ᵢ) = s];  out = θ₀ + scale · Σᵢ ηᵢmᵢδ̃ᵢ / Σᵢ ηᵢmᵢ  (1 where 0)
+
+    The energies are float64 sums taken in another order than a chunked torch sum, so ηᵢ and
+    the result may differ from it by one unit in the last place. ``mask``, an optional contiguous
+    bool tensor of n elements, receives S.
+
+    Inputs and ``out``: Buffers or contiguous CPU tensors of n bfloat16, float16 or float32
+    numbers, any mix. ``threads``: how many threads share the work (default: every CPU this
+    process may use); the result does not depend on it. ``release``: the inputs are read-only
+    file maps whose pages may be dropped once read (see the top of this module). Returns
+    (non-finite values written, [Σ(δᵢ⊙S)² per model]).
+    """
+    _need()
+    o, code, n = _out(out)
+    inputs = _inputs(base, tensors, n)
+    return _c.variance_merge(o, code, n, inputs, float(fraction), bool(mask_deltas), float(scale),
+                             _threads(threads), bool(release),
+                             None if mask is None else [_mask(mask, n)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Selection and conversion, on torch tensors
+
+
 def topk_mask(key: "torch.Tensor", k: int, threads: int | None = None) -> "torch.Tensor":
-    """The C twin of :func:`fusion.api.selection.topk_mask` (same masks, by radix select)."""
+    """The bool mask of the ``k`` largest keys, ties at the k-th to the lower flat index: the
+    masks of :func:`fusion.api.selection.topk_mask`, by radix select over the keys' bit
+    patterns (-0.0 equals 0.0; NaN ranks above every number). ``key`` is a bfloat16, float16 or
+    float32 tensor; the mask has its shape."""
     import torch
 
     _need()
@@ -202,12 +273,14 @@ def topk_mask(key: "torch.Tensor", k: int, threads: int | None = None) -> "torch
     flat = key.reshape(-1).contiguous()
     mask = torch.empty(n, dtype=torch.bool)
     ptr, code = _buffer(flat, n, "key")
-    _c.select(ptr, code, n, int(k), mask.data_ptr(), _threads(threads))
+    _c.topk_mask(ptr, code, n, int(k), mask.data_ptr(), _threads(threads))
     return mask.reshape(key.shape)
 
 
-def convert(t: "torch.Tensor", dtype: "torch.dtype") -> "torch.Tensor":
-    """``t`` cast to ``dtype`` by the kernels' own conversions (for testing them)."""
+def convert(t: "torch.Tensor", dtype: "torch.dtype", threads: int | None = None) -> "torch.Tensor":
+    """``t`` cast to ``dtype`` (bfloat16, float16 or float32) through float32 by the kernels' own
+    loads and stores: round to nearest even and NaN kept, as torch's cast does. Every merge above
+    writes its output this way, so this is how their rounding is tested."""
     import torch
 
     _need()
@@ -215,5 +288,5 @@ def convert(t: "torch.Tensor", dtype: "torch.dtype") -> "torch.Tensor":
     out = torch.empty(flat.numel(), dtype=dtype)
     src, scode = _buffer(flat, flat.numel(), "input")
     dst, dcode = _buffer(out, flat.numel(), "out")
-    _c.convert(src, scode, dst, dcode, flat.numel())
+    _c.convert(src, scode, dst, dcode, flat.numel(), _threads(threads))
     return out.reshape(t.shape)

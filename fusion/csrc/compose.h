@@ -1,0 +1,69 @@
+/* The compositions module.c binds: what each computes, its parameters, its entry point.
+ *
+ * Each is a struct whose first member is the job (common.h): module.c fills it from Python, the
+ * entry point runs every pass on the job's threads and returns the number of non-finite values
+ * written (or -1 when out of memory). The entry points take no Python locks and call no Python.
+ */
+#ifndef FUSION_COMPOSE_H
+#define FUSION_COMPOSE_H
+
+#include "common.h"
+#include "sparsify.h"
+
+/* The weighted sum: out = base + scale·S, or scale·S without a base, with
+ * S = Σᵢ wᵢ(θᵢ − base) divided by `divisor` when normalize; summed in model order with one fused
+ * multiply-add per model, as Tensor.add_(t, alpha=w) does. */
+typedef struct {
+    job_t job;             /* the base, when there is one, is in[0] */
+    int has_base;
+    float w[MAX_INPUTS];   /* per input; w[0] is unused with a base */
+    float scale, divisor;
+    int normalize;
+} sum_job;
+
+int64_t weighted_sum_run(sum_job *s);
+
+/* The sparse merge (TIES when sparsified by magnitude top-k with signs elected):
+ *   δ̂ᵢ = sparsify(θᵢ − θ₀), xᵢ = wᵢ·δ̂ᵢ;
+ *   with elect: s = +1 where Σ xᵢ ≥ 0, else −1, and mᵢ = [sign(xᵢ) = s]; without: mᵢ = 1;
+ *   out = θ₀ + scale · Σ mᵢxᵢ / D, with D = Σ mᵢwᵢ (0 → 1) when normalize, else D = 1. */
+typedef struct {
+    job_t job;                       /* base in[0], models in[1..] */
+    sparsifier sp;
+    float w[MAX_INPUTS];             /* per model */
+    float scale;
+    int elect, normalize;
+    unsigned char *mask[MAX_INPUTS]; /* optional: receive each model's keep mask */
+} sparse_job;
+
+int64_t sparse_merge_run(sparse_job *s);
+
+/* The variance-selected merge (SCE):
+ *   select S, the top floor(fraction · count_nonzero(v)) positions of the float32 population
+ *   variance v of the δᵢ across models (all positions when fraction ≥ 1);
+ *   ηᵢ = Σ(δᵢ⊙S)² / Σⱼ Σ(δⱼ⊙S)² (uniform when that is 0);
+ *   δ̃ᵢ = δᵢ⊙S when mask_deltas, else δᵢ; s = +1 where Σ δ̃ᵢ ≥ 0, else −1; mᵢ = [sign(δ̃ᵢ) = s];
+ *   out = θ₀ + scale · Σ ηᵢmᵢδ̃ᵢ / Σ ηᵢmᵢ (0 → 1). */
+typedef struct {
+    job_t job;                /* base in[0], models in[1..] */
+    double fraction;
+    int mask_deltas;
+    float scale;
+    unsigned char *mask;      /* optional: receives S */
+    double energy_out[MAX_INPUTS]; /* Σ(δᵢ⊙S)², set by the run */
+    /* the passes' own state */
+    selector sel;
+    int select, pass;
+    float eta[MAX_INPUTS];
+    uint64_t nonzero[MAX_THREADS];
+    double energy[MAX_THREADS][MAX_INPUTS];
+    double *elo;              /* [thread][low 16 bits][model] energies inside the k-th bucket */
+    uint16_t *hi16;           /* the high 16 bits of every key, kept after the first pass */
+} variance_job;
+
+int64_t variance_merge_run(variance_job *v);
+
+/* dst = src converted to dst's dtype, as the kernels store every result. */
+void convert_run(const void *src, int src_dt, void *dst, int dst_dt, int64_t n, int threads);
+
+#endif
