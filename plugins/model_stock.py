@@ -51,6 +51,13 @@ class ModelStock(fusion.Strategy):
         g = vectors.gram(tensors, base, layout)
         return vectors.combination(tensors, model_stock_coefficients(g), base, layout)
 
+    def merge_compiled(self, out, base, tensors, params, context, *, threads, release):
+        from fusion.api import kernels
+
+        where = {"shape": context.shape, "vectors": _layout(params), "threads": threads, "release": release}
+        g = kernels.gram(tensors, base, **where)
+        return kernels.combination(out, tensors, model_stock_coefficients(g), base, **where)
+
 
 @fusion.hookimpl
 def register_strategies(register: Callable[[fusion.Strategy], None]) -> None:

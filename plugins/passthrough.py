@@ -22,6 +22,14 @@ class Passthrough(fusion.Strategy):
         (scale,) = params["scale"]
         return tensors[0] if scale is None else tensors[0].mul_(scale)
 
+    def merge_compiled(self, out, base, tensors, params, context, *, threads, release):
+        from fusion.api import kernels
+
+        (scale,) = params["scale"]
+        # 1·x is x exactly: a copy into the output dtype
+        return kernels.combination(out, tensors, [[1.0 if scale is None else scale]], threads=threads,
+                                   release=release)
+
 
 @fusion.hookimpl
 def register_strategies(register: Callable[[fusion.Strategy], None]) -> None:

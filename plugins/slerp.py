@@ -60,6 +60,13 @@ def nuslerp_coefficients(g: "np.ndarray", t: float) -> "np.ndarray":
         return _interpolate(t, np.arccos(cos), 1.0 - cos * cos <= COLINEAR)
 
 
+def copy_compiled(out, tensor, threads: int, release: bool) -> int:
+    """``out`` = one input exactly (in the output dtype): 1·x is x."""
+    from fusion.api import kernels
+
+    return kernels.combination(out, [tensor], [[1.0]], threads=threads, release=release)
+
+
 class Slerp(fusion.Strategy):
     name = "slerp"
     description = ("Spherical linear interpolation from the base to the other model by t, the whole "
@@ -78,6 +85,16 @@ class Slerp(fusion.Strategy):
             return base if t == 0 else tensors[0]
         pair = [base, tensors[0]]
         return vectors.combination(pair, slerp_coefficients(vectors.gram(pair), t))
+
+    def merge_compiled(self, out, base, tensors, params, context, *, threads, release):
+        from fusion.api import kernels
+
+        t = params["t"]
+        if t == 0 or t == 1:
+            return copy_compiled(out, base if t == 0 else tensors[0], threads, release)
+        pair = [base, tensors[0]]
+        g = kernels.gram(pair, threads=threads, release=release)
+        return kernels.combination(out, pair, slerp_coefficients(g, t), threads=threads, release=release)
 
 
 
@@ -115,6 +132,16 @@ class Nuslerp(fusion.Strategy):
         layout = _layout(params)
         g = vectors.gram(tensors, base, layout)
         return vectors.combination(tensors, nuslerp_coefficients(g, t), base, layout)
+
+    def merge_compiled(self, out, base, tensors, params, context, *, threads, release):
+        from fusion.api import kernels
+
+        t = _nuslerp_t(params["weight"])
+        if t == 0 or t == 1:
+            return copy_compiled(out, tensors[int(t)], threads, release)
+        where = {"shape": context.shape, "vectors": _layout(params), "threads": threads, "release": release}
+        g = kernels.gram(tensors, base, **where)
+        return kernels.combination(out, tensors, nuslerp_coefficients(g, t), base, **where)
 
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import fusion
 from fusion.api import vectors
+from fusion.plugins.slerp import copy_compiled
 
 if TYPE_CHECKING:
     import numpy as np
@@ -78,6 +79,15 @@ class Multislerp(fusion.Strategy):
         c = multislerp_coefficients(g, params["weight"], params["normalize_weights"], params["eps"])
         return vectors.combination(tensors, c, base)
 
+    def merge_compiled(self, out, base, tensors, params, context, *, threads, release):
+        from fusion.api import kernels
+
+        if len(tensors) == 1:
+            return copy_compiled(out, tensors[0], threads, release)
+        g = kernels.gram(tensors, base, threads=threads, release=release)[0]
+        c = multislerp_coefficients(g, params["weight"], params["normalize_weights"], params["eps"])
+        return kernels.combination(out, tensors, c, base, threads=threads, release=release)
+
 
 #: sin θ below this (from dot products of unit vectors in float64) is rounding: opposite directions
 _ANTIPODAL = 1e-7
@@ -141,6 +151,15 @@ class Karcher(fusion.Strategy):
             return tensors[0]
         g = vectors.gram(tensors)[0]
         return vectors.combination(tensors, karcher_coefficients(g, params["max_iter"], params["tol"]))
+
+    def merge_compiled(self, out, base, tensors, params, context, *, threads, release):
+        from fusion.api import kernels
+
+        if len(tensors) == 1:
+            return copy_compiled(out, tensors[0], threads, release)
+        g = kernels.gram(tensors, threads=threads, release=release)[0]
+        c = karcher_coefficients(g, params["max_iter"], params["tol"])
+        return kernels.combination(out, tensors, c, threads=threads, release=release)
 
 
 @fusion.hookimpl

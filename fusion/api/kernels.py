@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence, Union
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 try:
@@ -44,8 +45,8 @@ else:
     _why = ""
 
 __all__ = ["Buffer", "available", "buffer", "default_threads", "empty", "from_bytes", "status",
-           "supports", "weighted_sum", "trimmed_sign_merge", "variance_selected_merge", "topk_mask",
-           "convert"]
+           "supports", "weighted_sum", "trimmed_sign_merge", "variance_selected_merge", "gram",
+           "combination", "topk_mask", "convert"]
 
 #: dtype name → code understood by the C kernels
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
@@ -253,6 +254,72 @@ def variance_selected_merge(out: Tensorish, base: Tensorish, tensors: Sequence[T
     return _c.variance_merge(o, code, n, inputs, float(fraction), bool(mask_deltas), float(scale),
                              _threads(threads), bool(release),
                              None if mask is None else [_mask(mask, n)])
+
+
+def _vector_layout(n: int, shape: Sequence[int] | None, vectors: str) -> tuple[int, int, bool, int]:
+    """(rows, cols, columns, count) of the tensor as a matrix whose vectors are its rows or columns
+    (one vector: a single row, whatever the layout)."""
+    from .vectors import matrix_shape, vector_count
+
+    shape = (n,) if shape is None else tuple(shape)
+    rows, cols = matrix_shape(shape, vectors)
+    if rows * cols != n:
+        raise ValueError(f"shape {list(shape)} does not have {n} elements")
+    count = vector_count(shape, vectors)
+    if count == 1:
+        return 1, n, False, 1
+    return rows, cols, vectors == "columns", count
+
+
+def gram(tensors: Sequence[Tensorish], base: Tensorish | None = None, *,
+         shape: Sequence[int] | None = None, vectors: str = "tensor", threads: int | None = None,
+         release: bool = False) -> "np.ndarray":
+    """The float64 Gram matrix of the inputs per vector, G[v, i, j] = xᵢ·xⱼ over vector v, with
+    xᵢ = θᵢ, or θᵢ − θ₀ (rounded to float32) given a ``base``: the C twin of
+    :func:`fusion.api.vectors.gram` (its docstring gives the layouts; ``shape`` is the tensor's,
+    needed for ``rows`` and ``columns``). Products are exact in float64; the sums are taken in an
+    order fixed by the data (a row's or a column's by one thread, the whole tensor in fixed chunks
+    added in order), so the result does not depend on ``threads``, and differs from torch's sums
+    by a few float64 ulps at most.
+
+    Inputs: Buffers or contiguous CPU tensors of n bfloat16, float16 or float32 numbers, any mix.
+    ``release``: the inputs are read-only file maps whose pages may be dropped once read (see the
+    top of this module). Returns an array of shape (vectors, m, m).
+    """
+    import numpy as np
+
+    _need()
+    n = buffer(tensors[0]).numel
+    rows, cols, columns, count = _vector_layout(n, shape, vectors)
+    inputs = _inputs(base, tensors, n)
+    out = np.zeros((count, len(tensors), len(tensors)), dtype=np.float64)
+    _c.gram(inputs, base is not None, rows, cols, columns, out.ctypes.data, _threads(threads),
+            bool(release))
+    return out
+
+
+def combination(out: Tensorish, tensors: Sequence[Tensorish], coefficients: Any,
+                base: Tensorish | None = None, *, shape: Sequence[int] | None = None,
+                vectors: str = "tensor", threads: int | None = None, release: bool = False) -> int:
+    """out = Σᵢ cᵢ·xᵢ per vector, + θ₀ given a ``base`` (xᵢ = θᵢ − θ₀ then): the C twin of
+    :func:`fusion.api.vectors.combination`, with the same arithmetic (coefficients rounded to
+    float32; each product and each sum rounded, models in order, the base added last).
+    ``coefficients`` has shape (vectors, m) (or (m,) for one vector).
+
+    Inputs and ``out``: Buffers or contiguous CPU tensors of n bfloat16, float16 or float32
+    numbers, any mix. ``threads``: how many threads share the work; the result does not depend
+    on it. ``release``: as for :func:`gram`. Returns the number of non-finite values written.
+    """
+    import numpy as np
+
+    _need()
+    o, code, n = _out(out)
+    rows, cols, columns, count = _vector_layout(n, shape, vectors)
+    inputs = _inputs(base, tensors, n)
+    coef = np.asarray(coefficients, dtype=np.float64).reshape(count, len(tensors)).astype(np.float32)
+    by_input = np.ascontiguousarray(coef.T)  # [input][vector]
+    return _c.combination(o, code, inputs, base is not None, rows, cols, columns, by_input.ctypes.data,
+                          _threads(threads), bool(release))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -63,6 +63,34 @@ typedef struct {
 
 int64_t variance_merge_run(variance_job *v);
 
+/* Tensors as vectors (fusion.api.vectors): the tensor is a row-major rows × cols matrix whose
+ * vectors are its rows (the whole tensor: one row of n) or, with `columns`, its columns; xᵢ is
+ * input i, or input i − base with a base. */
+typedef struct {
+    job_t job;                      /* the base in[0] when has_base, then the nv inputs */
+    int has_base, nv, columns;
+    int64_t rows, cols;
+    double *out;                    /* [vectors][nv][nv]: xᵢ·xⱼ over each vector, in float64 */
+    /* the passes' own state */
+    int64_t vectors, unit_len, unit_lo[MAX_THREADS + 1];
+    double *sums;
+    size_t sums_bytes;
+} gram_job;
+
+/* Fill out (0, or -1 when out of memory); the sums' order does not depend on `threads`. */
+int gram_run(gram_job *s, int threads);
+
+/* out = Σᵢ cᵢ·xᵢ per vector, + base with a base, in float32: each product and each sum rounded,
+ * the models in order, then the base added. */
+typedef struct {
+    job_t job;                      /* the base in[0] when has_base, then the inputs */
+    int has_base, columns;
+    int64_t rows, cols, vectors;
+    const float *coef;              /* [input][vector] */
+} combination_job;
+
+int64_t combination_run(combination_job *s);
+
 /* dst = src converted to dst's dtype, as the kernels store every result. */
 void convert_run(const void *src, int src_dt, void *dst, int dst_dt, int64_t n, int threads);
 

@@ -250,6 +250,69 @@ static PyObject *py_variance_merge(PyObject *self, PyObject *args) {
     return value;
 }
 
+/* gram(inputs, has_base, rows, cols, columns, out, threads, release): the float64 Gram matrix of
+ * every vector into out ([vectors][nv][nv] doubles) */
+static PyObject *py_gram(PyObject *self, PyObject *args) {
+    int has_base, columns, threads, release, rc;
+    long long rows, cols;
+    PyObject *inputs, *out;
+    gram_job *g;
+    if (!PyArg_ParseTuple(args, "OpLLpOip", &inputs, &has_base, &rows, &cols, &columns, &out, &threads,
+                          &release))
+        return NULL;
+    if (!(g = (gram_job *)new_job(sizeof(gram_job)))) return NULL;
+    /* the job's own output is unused: the sums go to g->out */
+    if (!parse_job(&g->job, out, DT_F32, rows * cols, inputs, has_base ? 2 : 1, threads, release)) {
+        zfree(g, sizeof(gram_job));
+        return NULL;
+    }
+    g->out = (double *)g->job.out;
+    g->has_base = has_base;
+    g->nv = g->job.nin - (has_base ? 1 : 0);
+    g->columns = columns;
+    g->rows = rows;
+    g->cols = cols;
+    Py_BEGIN_ALLOW_THREADS
+    rc = gram_run(g, threads);
+    Py_END_ALLOW_THREADS
+    zfree(g, sizeof(gram_job));
+    if (rc < 0) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+/* combination(out, out_dtype, inputs, has_base, rows, cols, columns, coef, threads, release)
+ * → non-finite count; coef: [input][vector] floats */
+static PyObject *py_combination(PyObject *self, PyObject *args) {
+    int out_dt, has_base, columns, threads, release;
+    long long rows, cols;
+    PyObject *out, *inputs, *coef;
+    combination_job *c;
+    int64_t bad;
+    if (!PyArg_ParseTuple(args, "OiOpLLpOip", &out, &out_dt, &inputs, &has_base, &rows, &cols, &columns, &coef,
+                          &threads, &release))
+        return NULL;
+    if (!(c = (combination_job *)new_job(sizeof(combination_job)))) return NULL;
+    if (!parse_job(&c->job, out, out_dt, rows * cols, inputs, has_base ? 2 : 1, threads, release)) {
+        zfree(c, sizeof(combination_job));
+        return NULL;
+    }
+    c->coef = (const float *)PyLong_AsVoidPtr(coef);
+    if (PyErr_Occurred()) {
+        zfree(c, sizeof(combination_job));
+        return NULL;
+    }
+    c->has_base = has_base;
+    c->columns = columns;
+    c->rows = rows;
+    c->cols = cols;
+    c->vectors = columns ? cols : rows;
+    Py_BEGIN_ALLOW_THREADS
+    bad = combination_run(c);
+    Py_END_ALLOW_THREADS
+    zfree(c, sizeof(combination_job));
+    return result(bad);
+}
+
 /* topk_mask(key, dtype, n, k, mask, threads): the exact top-k mask of a key buffer */
 static PyObject *py_topk_mask(PyObject *self, PyObject *args) {
     int dt, threads, rc;
@@ -313,6 +376,8 @@ static PyMethodDef methods[] = {
     {"weighted_sum", py_weighted_sum, METH_VARARGS, "Weighted sum of inputs, with or without a base."},
     {"sparse_merge", py_sparse_merge, METH_VARARGS, "Sparsify task vectors, elect signs, weighted mean."},
     {"variance_merge", py_variance_merge, METH_VARARGS, "Select by variance, weight by energy, erase signs."},
+    {"gram", py_gram, METH_VARARGS, "Float64 Gram matrix of the inputs, per vector."},
+    {"combination", py_combination, METH_VARARGS, "Float32 linear combination of the inputs, per vector."},
     {"topk_mask", py_topk_mask, METH_VARARGS, "Exact top-k mask of a key buffer."},
     {"convert", py_convert, METH_VARARGS, "Convert between bf16, fp16 and fp32 buffers."},
     {NULL, NULL, 0, NULL},
