@@ -1,27 +1,44 @@
 """arcee_fusion: keep only the other model's most important changes, by a dynamic threshold on
-|δ| times the KL divergence of each row's softmax."""
+|δ| times the KL divergence of each row's softmax (in float64, so that both kernel paths keep the
+same entries)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
 import fusion
+from fusion.api import vectors
 
 if TYPE_CHECKING:
     import torch
 
 
-def importance(base: "torch.Tensor", other: "torch.Tensor") -> "torch.Tensor":
-    """I = |θ₁ − θ₀| · KL(p‖q) per row (along the last axis; a tensor of fewer than 2 dimensions
-    is one row), p = softmax(θ₁) + 1e-8, q = softmax(θ₀) + 1e-8, KL = Σ p·log(p/q)."""
+#: rows whose divergences are computed at once (bounds the float64 temporaries)
+_ROWS = 1 << 20
+
+
+def row_divergence(base: "torch.Tensor", other: "torch.Tensor") -> "torch.Tensor":
+    """KL(p‖q) = Σ p·log(p/q) of each row (along the last axis; a tensor of fewer than 2
+    dimensions is one row), p = softmax(θ₁'s row) + 1e-8, q = softmax(θ₀'s row) + 1e-8: in float64,
+    rounded to float32, one float per row."""
     import torch
 
-    rows = other.reshape(1, -1) if other.dim() < 2 else other
-    base_rows = base.reshape(rows.shape)
-    p = torch.softmax(rows, dim=-1) + 1e-8
-    q = torch.softmax(base_rows, dim=-1) + 1e-8
-    kl = (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
-    return ((rows - base_rows).abs_() * kl).reshape(other.shape)
+    rows, cols = vectors.matrix_shape(tuple(other.shape), "rows")
+    rows_o, rows_b = other.reshape(rows, cols), base.reshape(rows, cols)
+    step = max(1, _ROWS // max(cols, 1))
+    out = torch.empty(rows_o.shape[0], dtype=torch.float32)
+    for r in range(0, rows_o.shape[0], step):
+        p = torch.softmax(rows_o[r:r + step].double(), dim=-1) + 1e-8
+        q = torch.softmax(rows_b[r:r + step].double(), dim=-1) + 1e-8
+        out[r:r + step] = (p * torch.log(p / q)).sum(dim=-1)
+    return out
+
+
+def importance(base: "torch.Tensor", other: "torch.Tensor") -> "torch.Tensor":
+    """I = |θ₁ − θ₀| times the row's divergence (both float32)."""
+    kl = row_divergence(base, other)
+    return ((other - base).abs_().reshape(vectors.matrix_shape(tuple(other.shape), "rows")) * kl[:, None]
+            ).reshape(other.shape)
 
 
 def quantile_positions(n: int) -> tuple[int, int, int]:
@@ -51,6 +68,12 @@ class ArceeFusion(fusion.Strategy):
         keep = scores >= threshold
         del scores, flat
         return base + other.sub_(base).mul_(keep)
+
+    def merge_compiled(self, out, base, tensors, params, context, *, threads, release):
+        from fusion.api import kernels
+
+        return kernels.kl_outlier_merge(out, base, tensors[0], shape=context.shape, threads=threads,
+                                        release=release)
 
 
 @fusion.hookimpl

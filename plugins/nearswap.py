@@ -28,6 +28,11 @@ class Nearswap(fusion.Strategy):
         weight = (base - other).abs_().clamp_(min=1e-6).reciprocal_().mul_(params["t"]).clamp_(0.0, 1.0)
         return weight * other + (1 - weight) * base
 
+    def merge_compiled(self, out, base, tensors, params, context, *, threads, release):
+        from fusion.api import kernels
+
+        return kernels.distance_blend(out, base, tensors[0], params["t"], threads=threads, release=release)
+
 
 @fusion.hookimpl
 def register_strategies(register: Callable[[fusion.Strategy], None]) -> None:

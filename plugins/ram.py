@@ -27,6 +27,20 @@ def _changes(base: "torch.Tensor", tensors: "Sequence[torch.Tensor]", epsilon: f
     return deltas, changed, count
 
 
+def unique_scales(shared: Sequence[int], unique: Sequence[int], r: float, alpha: float,
+                  epsilon: float) -> list[float]:
+    """λᵢ = 1 + r·clamp(ρᵢ, 0, α), ρᵢ = sᵢ / max(uᵢ, ε), from each model's counts of shared and
+    unique changes, in float32 arithmetic as written (the counts and constants rounded to float32)."""
+    import numpy as np
+
+    f = np.float32
+    out = []
+    for s, u in zip(shared, unique):
+        rho = f(s) / max(f(u), f(epsilon))
+        out.append(float(f(1) + f(r) * min(max(rho, f(0)), f(alpha))))
+    return out
+
+
 class Ram(fusion.Strategy):
     name = "ram"
     description = ("RAM: add each entry's task-vector change as it is where one model changes it, "
@@ -45,6 +59,11 @@ class Ram(fusion.Strategy):
             term = d.mul_(c).div_(divisor)
             total = term if total is None else total.add_(term)
         return base.add_(total)
+
+    def merge_compiled(self, out, base, tensors, params, context, *, threads, release):
+        from fusion.api import kernels
+
+        return kernels.changed_mean(out, base, tensors, params["epsilon"], threads=threads, release=release)
 
 
 class RamPlusTL(fusion.Strategy):
@@ -67,11 +86,9 @@ class RamPlusTL(fusion.Strategy):
         epsilon = params["epsilon"]
         deltas, changed, count = _changes(base, tensors, epsilon)
         unique, shared = count == 1, count > 1
-        # λᵢ as float32 tensor arithmetic on the integer counts, exactly as written
-        shared_counts = torch.stack([(c & shared).sum() for c in changed])
-        unique_counts = torch.stack([(c & unique).sum() for c in changed])
-        rho = shared_counts / unique_counts.clamp(min=epsilon)
-        lambdas = 1 + params["r"] * rho.clamp(min=0, max=params["alpha"])
+        lambdas = unique_scales([int((c & shared).sum()) for c in changed],
+                                [int((c & unique).sum()) for c in changed],
+                                params["r"], params["alpha"], epsilon)
         divisor = count.clamp_(min=1).float()
         total = None
         for d, c, lam in zip(deltas, changed, lambdas):
@@ -79,6 +96,15 @@ class RamPlusTL(fusion.Strategy):
             term = torch.where(unique, d * lam, d / divisor)
             total = term if total is None else total.add_(term)
         return base.add_(total)
+
+    def merge_compiled(self, out, base, tensors, params, context, *, threads, release):
+        from fusion.api import kernels
+
+        epsilon = params["epsilon"]
+        shared, unique = kernels.change_counts(base, tensors, epsilon, threads=threads, release=release)
+        lambdas = unique_scales(shared, unique, params["r"], params["alpha"], epsilon)
+        return kernels.changed_mean(out, base, tensors, epsilon, scales=lambdas, threads=threads,
+                                    release=release)
 
 
 @fusion.hookimpl

@@ -46,7 +46,8 @@ else:
 
 __all__ = ["Buffer", "available", "buffer", "default_threads", "empty", "from_bytes", "status",
            "supports", "weighted_sum", "trimmed_sign_merge", "variance_selected_merge", "gram",
-           "combination", "topk_mask", "convert"]
+           "combination", "distance_blend", "changed_mean", "change_counts", "kl_outlier_merge",
+           "topk_mask", "convert"]
 
 #: dtype name → code understood by the C kernels
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
@@ -320,6 +321,72 @@ def combination(out: Tensorish, tensors: Sequence[Tensorish], coefficients: Any,
     by_input = np.ascontiguousarray(coef.T)  # [input][vector]
     return _c.combination(o, code, inputs, base is not None, rows, cols, columns, by_input.ctypes.data,
                           _threads(threads), bool(release))
+
+
+def distance_blend(out: Tensorish, base: Tensorish, other: Tensorish, t: float, *,
+                   threads: int | None = None, release: bool = False) -> int:
+    """Per element, w = clamp(t / max(|θ₀ − θ₁|, 1e-6), 0, 1) and out = w·θ₁ + (1 − w)·θ₀: the other
+    value where the two are within t, else a step of t toward it. Float32, the quotient as
+    (1/max(…))·t, NaN passing every clamp (as the torch expression of nearswap evaluates it).
+
+    Inputs and ``out``: Buffers or contiguous CPU tensors of n bfloat16, float16 or float32
+    numbers, any mix; ``threads`` and ``release`` as everywhere here. Returns the number of
+    non-finite values written.
+    """
+    _need()
+    o, code, n = _out(out)
+    return _c.distance_blend(o, code, n, _inputs(base, [other], n), float(t), _threads(threads), bool(release))
+
+
+def changed_mean(out: Tensorish, base: Tensorish, tensors: Sequence[Tensorish], epsilon: float, *,
+                 scales: Sequence[float] | None = None, threads: int | None = None,
+                 release: bool = False) -> int:
+    """The mean of the models' changes over the models that make them: model i changes an entry
+    where |δᵢ| > ε (νᵢ, ε rounded to float32), c = Σ νᵢ, and
+
+        out = θ₀ + Σᵢ tᵢ,   tᵢ = νᵢδᵢ / max(c, 1)   (or νᵢδᵢ·scales[i] where c = 1, given scales)
+
+    in float32, νᵢδᵢ as δᵢ times 1 or 0, the terms added in model order, then θ₀.
+
+    Inputs and ``out``: Buffers or contiguous CPU tensors of n bfloat16, float16 or float32
+    numbers, any mix; ``threads`` and ``release`` as everywhere here. Returns the number of
+    non-finite values written.
+    """
+    _need()
+    o, code, n = _out(out)
+    return _c.changed_mean(o, code, n, _inputs(base, tensors, n), float(epsilon),
+                           None if scales is None else [float(x) for x in scales], _threads(threads),
+                           bool(release))
+
+
+def change_counts(base: Tensorish, tensors: Sequence[Tensorish], epsilon: float, *,
+                  threads: int | None = None, release: bool = False) -> tuple[list[int], list[int]]:
+    """For each model, how many of its changed entries (|δᵢ| > ε) other models change too, and
+    how many it alone changes: ``(shared, unique)``, two lists of counts."""
+    _need()
+    n = buffer(base).numel
+    return _c.change_counts(n, _inputs(base, tensors, n), float(epsilon), _threads(threads), bool(release))
+
+
+def kl_outlier_merge(out: Tensorish, base: Tensorish, other: Tensorish, *, shape: Sequence[int] | None = None,
+                     threads: int | None = None, release: bool = False) -> int:
+    """Keep the changes of outlying importance: per row (along the last axis of ``shape``; a
+    tensor of fewer than two dimensions is one row)
+
+        KL = Σ p·log(p/q),  p = softmax(θ₁'s row) + 1e-8,  q = softmax(θ₀'s row) + 1e-8
+
+    in float64, rounded to float32; importance I = |θ₁ − θ₀|·KL (float32); Q₁, Q₂, Q₃ the
+    importances of rank ⌊q·(n−1)⌋ (ascending; q = ¼, ½, ¾) found exactly by radix select; and
+    out = θ₀ + (θ₁ − θ₀)·[I ≥ Q₂ + 1.5·(Q₃ − Q₁)]. Only the row divergences are kept in memory.
+
+    Inputs and ``out``: Buffers or contiguous CPU tensors of n bfloat16, float16 or float32
+    numbers, any mix; ``threads`` and ``release`` as everywhere here. Returns the number of
+    non-finite values written.
+    """
+    _need()
+    o, code, n = _out(out)
+    rows, cols, _, _ = _vector_layout(n, shape, "rows")
+    return _c.outlier_merge(o, code, _inputs(base, [other], n), rows, cols, _threads(threads), bool(release))
 
 
 # ---------------------------------------------------------------------------------------------

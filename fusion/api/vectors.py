@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # importing a plugin must not import torch
     import numpy as np
     import torch
 
-__all__ = ["VECTORS", "vector_count", "gram", "combination"]
+__all__ = ["VECTORS", "matrix_shape", "vector_count", "gram", "combination"]
 
 #: the layouts a tensor splits into vectors by
 VECTORS = ("tensor", "rows", "columns")

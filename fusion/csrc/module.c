@@ -313,6 +313,123 @@ static PyObject *py_combination(PyObject *self, PyObject *args) {
     return result(bad);
 }
 
+/* distance_blend(out, out_dtype, n, inputs, t, threads, release) → non-finite count */
+static PyObject *py_distance_blend(PyObject *self, PyObject *args) {
+    int out_dt, threads, release;
+    long long n;
+    PyObject *out, *inputs;
+    double t;
+    blend_job *s;
+    int64_t bad;
+    if (!PyArg_ParseTuple(args, "OiLOdip", &out, &out_dt, &n, &inputs, &t, &threads, &release)) return NULL;
+    if (!(s = (blend_job *)new_job(sizeof(blend_job)))) return NULL;
+    if (!parse_job(&s->job, out, out_dt, n, inputs, 2, threads, release)) {
+        zfree(s, sizeof(blend_job));
+        return NULL;
+    }
+    if (s->job.nin != 2) {
+        zfree(s, sizeof(blend_job));
+        PyErr_SetString(PyExc_ValueError, "the distance blend takes a base and one other input");
+        return NULL;
+    }
+    s->t = (float)t;
+    Py_BEGIN_ALLOW_THREADS
+    bad = distance_blend_run(s);
+    Py_END_ALLOW_THREADS
+    zfree(s, sizeof(blend_job));
+    return result(bad);
+}
+
+/* changed_mean(out, out_dtype, n, inputs, eps, scales or None, threads, release) → non-finite
+ * count */
+static PyObject *py_changed_mean(PyObject *self, PyObject *args) {
+    int out_dt, threads, release;
+    long long n;
+    PyObject *out, *inputs, *scales;
+    double eps;
+    changes_job *s;
+    int64_t bad;
+    if (!PyArg_ParseTuple(args, "OiLOdOip", &out, &out_dt, &n, &inputs, &eps, &scales, &threads, &release))
+        return NULL;
+    if (!(s = (changes_job *)new_job(sizeof(changes_job)))) return NULL;
+    if (!parse_job(&s->job, out, out_dt, n, inputs, 2, threads, release) ||
+        (scales != Py_None && !parse_floats(scales, s->scale, s->job.nin - 1, "scales"))) {
+        zfree(s, sizeof(changes_job));
+        return NULL;
+    }
+    s->eps = (float)eps;
+    s->scaled = scales != Py_None;
+    Py_BEGIN_ALLOW_THREADS
+    bad = changed_mean_run(s);
+    Py_END_ALLOW_THREADS
+    zfree(s, sizeof(changes_job));
+    return result(bad);
+}
+
+/* change_counts(n, inputs, eps, threads, release) → ([shared per model], [unique per model]) */
+static PyObject *py_change_counts(PyObject *self, PyObject *args) {
+    int threads, release, i, nm;
+    long long n;
+    PyObject *inputs, *shared_list, *unique_list, *nowhere;
+    double eps;
+    changes_job *s;
+    int64_t shared[MAX_INPUTS], unique[MAX_INPUTS];
+    if (!PyArg_ParseTuple(args, "LOdip", &n, &inputs, &eps, &threads, &release)) return NULL;
+    if (!(s = (changes_job *)new_job(sizeof(changes_job)))) return NULL;
+    /* nothing is written: the job's output is address 0 */
+    if (!(nowhere = PyLong_FromLong(0)) || !parse_job(&s->job, nowhere, DT_F32, n, inputs, 2, threads, release)) {
+        Py_XDECREF(nowhere);
+        zfree(s, sizeof(changes_job));
+        return NULL;
+    }
+    Py_DECREF(nowhere);
+    s->eps = (float)eps;
+    Py_BEGIN_ALLOW_THREADS
+    change_counts_run(s, shared, unique);
+    Py_END_ALLOW_THREADS
+    nm = s->job.nin - 1;
+    zfree(s, sizeof(changes_job));
+    shared_list = PyList_New(nm);
+    unique_list = PyList_New(nm);
+    if (!shared_list || !unique_list) {
+        Py_XDECREF(shared_list);
+        Py_XDECREF(unique_list);
+        return NULL;
+    }
+    for (i = 0; i < nm; i++) {
+        PyList_SET_ITEM(shared_list, i, PyLong_FromLongLong(shared[i]));
+        PyList_SET_ITEM(unique_list, i, PyLong_FromLongLong(unique[i]));
+    }
+    return Py_BuildValue("(NN)", shared_list, unique_list);
+}
+
+/* outlier_merge(out, out_dtype, inputs, rows, cols, threads, release) → non-finite count */
+static PyObject *py_outlier_merge(PyObject *self, PyObject *args) {
+    int out_dt, threads, release;
+    long long rows, cols;
+    PyObject *out, *inputs;
+    outlier_job *s;
+    int64_t bad;
+    if (!PyArg_ParseTuple(args, "OiOLLip", &out, &out_dt, &inputs, &rows, &cols, &threads, &release)) return NULL;
+    if (!(s = (outlier_job *)new_job(sizeof(outlier_job)))) return NULL;
+    if (!parse_job(&s->job, out, out_dt, rows * cols, inputs, 2, threads, release)) {
+        zfree(s, sizeof(outlier_job));
+        return NULL;
+    }
+    if (s->job.nin != 2) {
+        zfree(s, sizeof(outlier_job));
+        PyErr_SetString(PyExc_ValueError, "the outlier merge takes a base and one other input");
+        return NULL;
+    }
+    s->rows = rows;
+    s->cols = cols;
+    Py_BEGIN_ALLOW_THREADS
+    bad = outlier_merge_run(s, threads);
+    Py_END_ALLOW_THREADS
+    zfree(s, sizeof(outlier_job));
+    return result(bad);
+}
+
 /* topk_mask(key, dtype, n, k, mask, threads): the exact top-k mask of a key buffer */
 static PyObject *py_topk_mask(PyObject *self, PyObject *args) {
     int dt, threads, rc;
@@ -378,6 +495,10 @@ static PyMethodDef methods[] = {
     {"variance_merge", py_variance_merge, METH_VARARGS, "Select by variance, weight by energy, erase signs."},
     {"gram", py_gram, METH_VARARGS, "Float64 Gram matrix of the inputs, per vector."},
     {"combination", py_combination, METH_VARARGS, "Float32 linear combination of the inputs, per vector."},
+    {"distance_blend", py_distance_blend, METH_VARARGS, "Blend toward another input by t over the distance."},
+    {"changed_mean", py_changed_mean, METH_VARARGS, "Mean of the changes over the models that make them."},
+    {"change_counts", py_change_counts, METH_VARARGS, "Each model's shared and unique changed entries."},
+    {"outlier_merge", py_outlier_merge, METH_VARARGS, "Keep the changes of outlying KL importance."},
     {"topk_mask", py_topk_mask, METH_VARARGS, "Exact top-k mask of a key buffer."},
     {"convert", py_convert, METH_VARARGS, "Convert between bf16, fp16 and fp32 buffers."},
     {NULL, NULL, 0, NULL},

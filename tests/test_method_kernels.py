@@ -1,7 +1,9 @@
-"""The C vector kernels (fusion.api.kernels.gram, .combination) against their torch twins in
-fusion.api.vectors, and the compiled paths of the geometric strategies against their references:
-the same combinations bit for bit, Gram matrices within float64 rounding, results within one unit
-in the last place of the output dtype, and identical bytes whatever the thread count."""
+"""The C kernels of the geometric and selective strategies against their torch twins: the vector
+kernels (fusion.api.kernels.gram, .combination) against fusion.api.vectors, the distance blend
+and changed-entry mean against nearswap's and RAM's references, and every compiled path against
+its strategy's merge: the same combinations bit for bit, Gram matrices within float64 rounding,
+results within one unit in the last place of the output dtype, and identical bytes whatever the
+thread count."""
 
 from __future__ import annotations
 
@@ -15,8 +17,11 @@ from hypothesis import strategies as st
 
 import fusion
 from fusion.api import kernels, vectors
+from fusion.plugins.arcee_fusion import ArceeFusion
 from fusion.plugins.model_stock import ModelStock
+from fusion.plugins.nearswap import Nearswap
 from fusion.plugins.passthrough import Passthrough
+from fusion.plugins.ram import Ram, RamPlusTL
 from fusion.plugins.slerp import Nuslerp, Slerp
 from fusion.plugins.sphere_means import Karcher, Multislerp
 from test_kernels import DTYPES, SPECIAL, assert_within_one_ulp, needs_c, ulps
@@ -173,4 +178,91 @@ def test_compiled_endpoints_are_exact_copies():
     a[0] = -0.0
     for t, expected in ((0.0, a), (1.0, b)):
         out, _ = compiled_and_reference(Slerp(), a, [b], {"t": t}, (1000,), torch.bfloat16)
+        assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
+
+
+# ---------------------------------------------------------------------------------------------
+# nearswap, ram, ramplus_tl and arcee_fusion: float32 arithmetic as the references write it, so
+# bit for bit (arcee_fusion's float64 divergences round to the same float32 but in rare cases)
+
+
+@st.composite
+def changes(draw, max_models: int = 4):
+    """A base and models that change some of its entries, by amounts around a few epsilons."""
+    shape, (base,) = draw(inputs(1, specials=draw(st.booleans())))
+    n = base.numel()
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    models = []
+    for _ in range(draw(st.integers(1, max_models))):
+        step = torch.tensor(draw(st.lists(st.sampled_from([0.0, 1e-6, -2e-5, 1e-3, 0.25, -1.0]), min_size=1,
+                                          max_size=6)))
+        moved = base.float().reshape(-1) + step[torch.randint(len(step), (n,), generator=gen)]
+        models.append(moved.to(draw(st.sampled_from(DTYPES))).reshape(shape))
+    return shape, base, models
+
+
+@needs_c
+@given(changes(max_models=1), st.one_of(st.sampled_from([0.0, 1e-3, 0.5, -1.0, 1e9]), st.floats(-1, 4)),
+       st.sampled_from(DTYPES))
+def test_distance_blend_is_nearswap_bit_for_bit(case, t, out_dtype):
+    shape, base, (other,) = case
+    out, expected = compiled_and_reference(Nearswap(), base, [other], {"t": t}, shape, out_dtype)
+    assert not bool((ulps(flat(out), flat(expected)) > 0).any())
+
+
+@needs_c
+@given(changes(), st.sampled_from([1e-5, 0.0, 1e-3, 0.3]), st.sampled_from(DTYPES))
+def test_changed_mean_is_ram_bit_for_bit(case, epsilon, out_dtype):
+    shape, base, models = case
+    out, expected = compiled_and_reference(Ram(), base, models, {"epsilon": epsilon}, shape, out_dtype)
+    assert not bool((ulps(flat(out), flat(expected)) > 0).any())
+
+
+@needs_c
+@given(changes(), st.sampled_from([1e-5, 1e-3, 0.3]), st.sampled_from([0.1, 0.0, -0.5, 2.0]),
+       st.sampled_from([0.2, 0.0, 10.0]), st.sampled_from(DTYPES))
+def test_ramplus_tl_compiled_is_its_reference_bit_for_bit(case, epsilon, r, alpha, out_dtype):
+    shape, base, models = case
+    params = {"r": r, "alpha": alpha, "epsilon": epsilon}
+    out, expected = compiled_and_reference(RamPlusTL(), base, models, params, shape, out_dtype)
+    assert not bool((ulps(flat(out), flat(expected)) > 0).any())
+
+
+@needs_c
+def test_change_counts_and_threads():
+    gen = torch.Generator().manual_seed(2)
+    n = 400_003
+    base = torch.randn(n, generator=gen)
+    models = [base + torch.where(torch.rand(n, generator=gen) < p, 0.01, 0.0) for p in (0.1, 0.3, 0.6)]
+    changed = [(m - base).abs() > np.float32(1e-3) for m in models]
+    count = sum(c.int() for c in changed)
+    shared, unique = kernels.change_counts(base, models, 1e-3, threads=3)
+    assert shared == [int((c & (count > 1)).sum()) for c in changed]
+    assert unique == [int((c & (count == 1)).sum()) for c in changed]
+    assert kernels.change_counts(base, models, 1e-3, threads=1) == (shared, unique)
+    outs = []
+    for threads in (1, 2, 3):
+        out = torch.empty(n, dtype=torch.bfloat16)
+        kernels.changed_mean(out, base, models, 1e-3, scales=[1.1, 1.2, 1.3], threads=threads)
+        outs.append(out.view(torch.int16))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+@needs_c
+@given(changes(max_models=1), st.sampled_from(DTYPES))
+def test_kl_outlier_merge_is_arcee_fusion_bit_for_bit(case, out_dtype):
+    shape, base, (other,) = case
+    out, expected = compiled_and_reference(ArceeFusion(), base, [other], {}, shape, out_dtype)
+    assert not bool((ulps(flat(out), flat(expected)) > 0).any())
+
+
+@needs_c
+@pytest.mark.parametrize("shape", [(3001, 200), (400_001,)])
+def test_kl_outlier_merge_across_threads(shape):
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(shape, generator=gen).to(torch.bfloat16)
+    other = (base.float() + 0.02 * torch.randn(shape, generator=gen)).to(torch.bfloat16)
+    outs = [compiled_and_reference(ArceeFusion(), base, [other], {}, shape, torch.bfloat16, threads=t)
+            for t in (1, 2, 3)]
+    for out, expected in outs:
         assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
