@@ -189,8 +189,7 @@ def build_plan(config: MergeConfig, options: ResolveOptions | None = None, *,
 def _plan_tensors(plan: Plan) -> None:
     config, strategy, layout, notices = plan.config, plan.strategy, plan.layout, plan.notices
     strategy_base = plan.base if strategy.base != "unused" else None
-    num_layers = layout.spec.num_layers(layout.checkpoint.config) or 1 + max(
-        (r.layer for r in layout.roles.values() if r.layer is not None), default=0)
+    num_layers = layout.num_layers
     if layout not in plan.models and layout is not plan.base:
         notices.append(f"{layout.label} is not one of the merged models: the output takes its layout and "
                        f"unmerged parts, and the merge of the others replaces its merged tensors")
