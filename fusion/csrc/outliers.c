@@ -42,7 +42,7 @@ HOT static void pass_divergence(void *p, int tid) {
         }
         for (j = 0; j < cols; j++) {
             double pj = e1[j] / s1 + 1e-8, qj = e0[j] / s0 + 1e-8;
-            kl += pj * log(pj / qj);
+            kl += pj * log1p((pj - qj) / qj); /* log(p/q), precise where p ≈ q */
         }
         s->kl[r] = (float)kl;
         release_step(job, tid, at + cols, &next);
