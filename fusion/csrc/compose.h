@@ -128,7 +128,9 @@ typedef struct {
     float *kl, threshold;
     size_t kl_bytes, scratch_bytes;
     double *scratch[MAX_THREADS];
-    selector sel[3];
+    uint32_t *hist, bucket[3];      /* the quartile search's count tables and buckets */
+    size_t hist_bytes;
+    int pass, nbuckets;
 } outlier_job;
 
 int64_t outlier_merge_run(outlier_job *s, int threads);
