@@ -19,7 +19,7 @@ args = [] if sys.platform == "win32" else ["-O3", "-ffp-contract=off", "-fno-tra
 # One extension from several sources, split by concern (fusion/csrc/compose.h lists what they compute).
 sources = [f"fusion/csrc/{name}.c" for name in ("module", "threads", "convert", "select", "sparsify",
                                                   "sums", "sparse_merge", "variance_merge", "vectors", "blend", "changes",
-                                                  "outliers")]
+                                                  "outliers", "bindings")]
 mapped = {"fusion.plugins": "plugins", "fusion.registry": "registry"}
 packages = find_packages(include=["fusion", "fusion.*"], exclude=["fusion.csrc"])
 for name, folder in mapped.items():

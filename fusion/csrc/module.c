@@ -1,13 +1,11 @@
-/* fusion.api._kernels: the Python bindings of the compositions (compose.h), and nothing else.
+/* fusion.api._kernels: the Python bindings of the compositions (compose.h), and nothing else;
+ * those of the per-vector, blend, changed-entry and outlier compositions are in bindings.c.
  *
  * Buffers arrive as integer addresses with dtype codes; fusion/api/kernels.py checks their sizes
  * and keeps their owners alive. Each binding fills a composition's job, runs it with the GIL
  * released and turns its result into Python values.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-
-#include "compose.h"
+#include "bindings.h"
 
 static int parse_dtype(PyObject *o, int *dt) {
     long v = PyLong_AsLong(o);
@@ -27,8 +25,8 @@ static int check_dtype(int dt) {
 }
 
 /* out: an address; inputs: a sequence of (address, dtype code) pairs, at least min_inputs */
-static int parse_job(job_t *job, PyObject *out, int out_dt, long long n, PyObject *inputs, int min_inputs,
-                     int threads, int release) {
+int parse_job(job_t *job, PyObject *out, int out_dt, long long n, PyObject *inputs, int min_inputs,
+              int threads, int release) {
     PyObject *seq;
     Py_ssize_t i, count;
     job->out = PyLong_AsVoidPtr(out);
@@ -61,7 +59,7 @@ static int parse_job(job_t *job, PyObject *out, int out_dt, long long n, PyObjec
     return 1;
 }
 
-static int parse_floats(PyObject *o, float *dst, int count, const char *what) {
+int parse_floats(PyObject *o, float *dst, int count, const char *what) {
     PyObject *seq = PySequence_Fast(o, "expected a sequence of numbers");
     Py_ssize_t i;
     if (!seq) return 0;
@@ -139,13 +137,13 @@ static int parse_sparsifier(sparsifier *sp, int mode, PyObject *params, int nmod
 }
 
 /* A composition's job: large (per-thread tables), so zeroed pages from mmap. */
-static void *new_job(size_t size) {
+void *new_job(size_t size) {
     void *p = zalloc(size);
     if (!p) PyErr_NoMemory();
     return p;
 }
 
-static PyObject *result(int64_t bad) {
+PyObject *result(int64_t bad) {
     if (bad < 0) return PyErr_NoMemory();
     return PyLong_FromLongLong(bad);
 }
@@ -248,186 +246,6 @@ static PyObject *py_variance_merge(PyObject *self, PyObject *args) {
     }
     zfree(v, sizeof(variance_job));
     return value;
-}
-
-/* gram(inputs, has_base, rows, cols, columns, out, threads, release): the float64 Gram matrix of
- * every vector into out ([vectors][nv][nv] doubles) */
-static PyObject *py_gram(PyObject *self, PyObject *args) {
-    int has_base, columns, threads, release, rc;
-    long long rows, cols;
-    PyObject *inputs, *out;
-    gram_job *g;
-    if (!PyArg_ParseTuple(args, "OpLLpOip", &inputs, &has_base, &rows, &cols, &columns, &out, &threads,
-                          &release))
-        return NULL;
-    if (!(g = (gram_job *)new_job(sizeof(gram_job)))) return NULL;
-    /* the job's own output is unused: the sums go to g->out */
-    if (!parse_job(&g->job, out, DT_F32, rows * cols, inputs, has_base ? 2 : 1, threads, release)) {
-        zfree(g, sizeof(gram_job));
-        return NULL;
-    }
-    g->out = (double *)g->job.out;
-    g->has_base = has_base;
-    g->nv = g->job.nin - (has_base ? 1 : 0);
-    g->columns = columns;
-    g->rows = rows;
-    g->cols = cols;
-    Py_BEGIN_ALLOW_THREADS
-    rc = gram_run(g, threads);
-    Py_END_ALLOW_THREADS
-    zfree(g, sizeof(gram_job));
-    if (rc < 0) return PyErr_NoMemory();
-    Py_RETURN_NONE;
-}
-
-/* combination(out, out_dtype, inputs, has_base, rows, cols, columns, coef, threads, release)
- * → non-finite count; coef: [input][vector] floats */
-static PyObject *py_combination(PyObject *self, PyObject *args) {
-    int out_dt, has_base, columns, threads, release;
-    long long rows, cols;
-    PyObject *out, *inputs, *coef;
-    combination_job *c;
-    int64_t bad;
-    if (!PyArg_ParseTuple(args, "OiOpLLpOip", &out, &out_dt, &inputs, &has_base, &rows, &cols, &columns, &coef,
-                          &threads, &release))
-        return NULL;
-    if (!(c = (combination_job *)new_job(sizeof(combination_job)))) return NULL;
-    if (!parse_job(&c->job, out, out_dt, rows * cols, inputs, has_base ? 2 : 1, threads, release)) {
-        zfree(c, sizeof(combination_job));
-        return NULL;
-    }
-    c->coef = (const float *)PyLong_AsVoidPtr(coef);
-    if (PyErr_Occurred()) {
-        zfree(c, sizeof(combination_job));
-        return NULL;
-    }
-    c->has_base = has_base;
-    c->columns = columns;
-    c->rows = rows;
-    c->cols = cols;
-    c->vectors = columns ? cols : rows;
-    Py_BEGIN_ALLOW_THREADS
-    bad = combination_run(c);
-    Py_END_ALLOW_THREADS
-    zfree(c, sizeof(combination_job));
-    return result(bad);
-}
-
-/* distance_blend(out, out_dtype, n, inputs, t, threads, release) → non-finite count */
-static PyObject *py_distance_blend(PyObject *self, PyObject *args) {
-    int out_dt, threads, release;
-    long long n;
-    PyObject *out, *inputs;
-    double t;
-    blend_job *s;
-    int64_t bad;
-    if (!PyArg_ParseTuple(args, "OiLOdip", &out, &out_dt, &n, &inputs, &t, &threads, &release)) return NULL;
-    if (!(s = (blend_job *)new_job(sizeof(blend_job)))) return NULL;
-    if (!parse_job(&s->job, out, out_dt, n, inputs, 2, threads, release)) {
-        zfree(s, sizeof(blend_job));
-        return NULL;
-    }
-    if (s->job.nin != 2) {
-        zfree(s, sizeof(blend_job));
-        PyErr_SetString(PyExc_ValueError, "the distance blend takes a base and one other input");
-        return NULL;
-    }
-    s->t = (float)t;
-    Py_BEGIN_ALLOW_THREADS
-    bad = distance_blend_run(s);
-    Py_END_ALLOW_THREADS
-    zfree(s, sizeof(blend_job));
-    return result(bad);
-}
-
-/* changed_mean(out, out_dtype, n, inputs, eps, scales or None, threads, release) → non-finite
- * count */
-static PyObject *py_changed_mean(PyObject *self, PyObject *args) {
-    int out_dt, threads, release;
-    long long n;
-    PyObject *out, *inputs, *scales;
-    double eps;
-    changes_job *s;
-    int64_t bad;
-    if (!PyArg_ParseTuple(args, "OiLOdOip", &out, &out_dt, &n, &inputs, &eps, &scales, &threads, &release))
-        return NULL;
-    if (!(s = (changes_job *)new_job(sizeof(changes_job)))) return NULL;
-    if (!parse_job(&s->job, out, out_dt, n, inputs, 2, threads, release) ||
-        (scales != Py_None && !parse_floats(scales, s->scale, s->job.nin - 1, "scales"))) {
-        zfree(s, sizeof(changes_job));
-        return NULL;
-    }
-    s->eps = (float)eps;
-    s->scaled = scales != Py_None;
-    Py_BEGIN_ALLOW_THREADS
-    bad = changed_mean_run(s);
-    Py_END_ALLOW_THREADS
-    zfree(s, sizeof(changes_job));
-    return result(bad);
-}
-
-/* change_counts(n, inputs, eps, threads, release) → ([shared per model], [unique per model]) */
-static PyObject *py_change_counts(PyObject *self, PyObject *args) {
-    int threads, release, i, nm;
-    long long n;
-    PyObject *inputs, *shared_list, *unique_list, *nowhere;
-    double eps;
-    changes_job *s;
-    int64_t shared[MAX_INPUTS], unique[MAX_INPUTS];
-    if (!PyArg_ParseTuple(args, "LOdip", &n, &inputs, &eps, &threads, &release)) return NULL;
-    if (!(s = (changes_job *)new_job(sizeof(changes_job)))) return NULL;
-    /* nothing is written: the job's output is address 0 */
-    if (!(nowhere = PyLong_FromLong(0)) || !parse_job(&s->job, nowhere, DT_F32, n, inputs, 2, threads, release)) {
-        Py_XDECREF(nowhere);
-        zfree(s, sizeof(changes_job));
-        return NULL;
-    }
-    Py_DECREF(nowhere);
-    s->eps = (float)eps;
-    Py_BEGIN_ALLOW_THREADS
-    change_counts_run(s, shared, unique);
-    Py_END_ALLOW_THREADS
-    nm = s->job.nin - 1;
-    zfree(s, sizeof(changes_job));
-    shared_list = PyList_New(nm);
-    unique_list = PyList_New(nm);
-    if (!shared_list || !unique_list) {
-        Py_XDECREF(shared_list);
-        Py_XDECREF(unique_list);
-        return NULL;
-    }
-    for (i = 0; i < nm; i++) {
-        PyList_SET_ITEM(shared_list, i, PyLong_FromLongLong(shared[i]));
-        PyList_SET_ITEM(unique_list, i, PyLong_FromLongLong(unique[i]));
-    }
-    return Py_BuildValue("(NN)", shared_list, unique_list);
-}
-
-/* outlier_merge(out, out_dtype, inputs, rows, cols, threads, release) → non-finite count */
-static PyObject *py_outlier_merge(PyObject *self, PyObject *args) {
-    int out_dt, threads, release;
-    long long rows, cols;
-    PyObject *out, *inputs;
-    outlier_job *s;
-    int64_t bad;
-    if (!PyArg_ParseTuple(args, "OiOLLip", &out, &out_dt, &inputs, &rows, &cols, &threads, &release)) return NULL;
-    if (!(s = (outlier_job *)new_job(sizeof(outlier_job)))) return NULL;
-    if (!parse_job(&s->job, out, out_dt, rows * cols, inputs, 2, threads, release)) {
-        zfree(s, sizeof(outlier_job));
-        return NULL;
-    }
-    if (s->job.nin != 2) {
-        zfree(s, sizeof(outlier_job));
-        PyErr_SetString(PyExc_ValueError, "the outlier merge takes a base and one other input");
-        return NULL;
-    }
-    s->rows = rows;
-    s->cols = cols;
-    Py_BEGIN_ALLOW_THREADS
-    bad = outlier_merge_run(s, threads);
-    Py_END_ALLOW_THREADS
-    zfree(s, sizeof(outlier_job));
-    return result(bad);
 }
 
 /* topk_mask(key, dtype, n, k, mask, threads): the exact top-k mask of a key buffer */
