@@ -94,21 +94,39 @@ def merge(config, output, dry_run, force, kernel, threads, shard_size, random_se
 
 @cli.command()
 @click.argument("config", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
+@click.option("-o", "--output", type=click.Path(file_okay=False),
               help="Output folder: targets/, merged/, report.json, and the cache a re-run resumes from.")
 @click.option("--until", type=click.Choice(["represent", "fuse", "train", "merge"]), default=None,
               help="Stop after this stage (a later run resumes from it).")
 @click.option("--force", is_flag=True, help="Discard cached representations and targets and redo everything.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads per process for scoring and training.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Processes for alignment outside torchrun (default: one per CPU from 200k positions on).")
+@click.option("--estimate", is_flag=True,
+              help="Print disk and per-GPU memory for this config and stop (reads headers only).")
+@click.option("--world-size", type=click.IntRange(min=1), default=None,
+              help="Processes (GPUs) --estimate plans for (default: this run's).")
+@click.option("--gpu-memory", default=None, help="GPU memory --estimate plans for, e.g. 80GB (default: this GPU's).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars, messages or summary.")
 @_offline
 @_cache_dir
-def fuse(config, output, until, force, threads, quiet, offline, cache_dir):
+def fuse(config, output, until, force, threads, workers, estimate, world_size, gpu_memory, quiet, offline, cache_dir):
     """Pairwise knowledge fusion (FuseChat): distil each source into the pivot, then merge.
 
-    Run it with `torchrun --nproc_per_node N -m fusion fuse ...` to train on N processes or GPUs.
+    Run it with `torchrun --nproc_per_node N -m fusion fuse ...` to score, align and train on N
+    processes or GPUs.
     """
+    if estimate:
+        from .fuse.estimate import estimate_config
+        from .writer import parse_size
+
+        _hub_progress(quiet)
+        click.echo(estimate_config(config, world_size=world_size, offline=offline, cache_dir=cache_dir,
+                                   gpu_memory=parse_size(gpu_memory) if gpu_memory else None))
+        return
+    if output is None:
+        raise click.UsageError("Missing option '-o' / '--output' (only --estimate runs without one).")
     from .fuse.pipeline import run_fuse
 
     if quiet:
@@ -121,11 +139,12 @@ def fuse(config, output, until, force, threads, quiet, offline, cache_dir):
         torch.set_num_threads(threads)
     try:
         run_fuse(config, Path(output), until=until, force=force, offline=offline, cache_dir=cache_dir,
-                 echo=(lambda _m: None) if quiet else click.echo, progress=not quiet)
-    except KeyboardInterrupt:
-        click.echo(f"interrupted; the stages finished so far are kept in {output} and a re-run resumes "
-                   f"from them", err=True)
-        sys.exit(130)
+                 echo=(lambda _m: None) if quiet else click.echo, progress=not quiet, workers=workers)
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        click.echo(f"{'terminated' if terminated else 'interrupted'}; the stages finished so far are kept in "
+                   f"{output} and a re-run resumes from them", err=True)
+        sys.exit(128 + (signal.SIGTERM if terminated else signal.SIGINT))
 
 
 @cli.command("plan")

@@ -1,4 +1,4 @@
-"""Built-in fusion functions of pairwise fusion: min_ce and avg_ce (FuseChat)."""
+"""Built-in fusion functions of pairwise fusion: min_ce (FuseChat) and avg_ce (FuseLLM)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ class MinCE(fusion.FusionFunction):
 
 class AvgCE(fusion.FusionFunction):
     name = "avg_ce"
-    description = "Mix the candidates with weights softmax(exp(−CE))."
+    description = "Mix the candidates with weights softmax(exp(−CE)) (FuseLLM's; FuseChat uses min_ce)."
 
     def weights(self, ce):
         scores = [math.exp(-c) for c in ce]

@@ -1,6 +1,11 @@
 """Tiny models for pairwise-fusion tests: tokenizers trained offline with `tokenizers` (so the
 pivot and one source have different vocabularies), Llama/Qwen2 models from transformers' config
-classes, and a synthetic pattern the sources learn and the pivot does not know."""
+classes, and a synthetic pattern the sources learn and the pivot does not know.
+
+Two cases: :func:`build_fusion_case` (a source with the pivot's vocabulary and one whose
+SentencePiece-style vocabulary splits the chat markers), and :func:`build_coarse_case`, where the
+pivot splits every word in two and one source reads each word as one token, with its own BOS
+and end-of-turn marker (the case where knowledge sits in one-to-many alignments)."""
 
 from __future__ import annotations
 
@@ -17,6 +22,9 @@ WORDS = ["apple", "river", "stone", "cloud", "tiger", "maple", "ocean", "ember",
 SPECIAL = ["<pad>", "<|user|>", "<|assistant|>", "<|end|>"]
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+#: the coarse source's own template: its BOS first, its EOS ends a turn
+OWN_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
 def pattern(start: int, length: int) -> dict:
@@ -58,6 +66,57 @@ def make_tokenizer(folder: Path, kind: str, vocab_size: int) -> transformers.Pre
         fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
                                                     unk_token="<unk>")
     fast.chat_template = TEMPLATE
+    fast.save_pretrained(folder)
+    return fast
+
+
+def make_split_tokenizer(folder: Path) -> transformers.PreTrainedTokenizerFast:
+    """Byte-level BPE built by hand that writes every word of WORDS after a space as two tokens:
+    its first three letters (with the space) and the rest (" apple" → " app" + "le")."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {t: i for i, t in enumerate(SPECIAL)}
+    for ch in alphabet:
+        vocab.setdefault(ch, len(vocab))
+    merges: list[tuple[str, str]] = []
+
+    def build(piece: str) -> None:  # left to right: ("Ġ", "a"), ("Ġa", "p"), ...
+        for n in range(2, len(piece) + 1):
+            pair = (piece[:n - 1], piece[n - 1])
+            if pair not in merges:
+                merges.append(pair)
+                vocab.setdefault(piece[:n], len(vocab))
+
+    for w in WORDS:
+        build("Ġ" + w[:3])
+    for w in WORDS:
+        build(w[3:])
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIAL)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|end|>",
+                                                additional_special_tokens=SPECIAL[1:])
+    fast.chat_template = TEMPLATE
+    fast.save_pretrained(folder)
+    return fast
+
+
+def make_word_tokenizer(folder: Path) -> transformers.PreTrainedTokenizerFast:
+    """Metaspace BPE that keeps every word whole, with a BOS it puts before every text and its own
+    chat template (BOS first, EOS at the end of each turn; the role markers are plain text)."""
+    from tokenizers import processors
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    # as Llama's: the space marker only in front of the text, not after every special token
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<pad>", "<s>", "</s>"],
+                                  show_progress=False)
+    tok.train_from_iterator(corpus() + [" ".join(SPECIAL)] * 2 + ["a line\nanother line\n"] * 2, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                                eos_token="</s>", unk_token="<unk>")
+    fast.chat_template = OWN_TEMPLATE
     fast.save_pretrained(folder)
     return fast
 
@@ -122,18 +181,89 @@ def build_fusion_case(root: Path, pivot_steps: int = 60, source_steps: int = 150
     return paths
 
 
+def header_folder(folder: Path, model_type: str, **config) -> Path:
+    """A header-only model folder (config.json and safetensors headers, no weights, as the Hub
+    resolver makes for a plan or an estimate) with the shapes transformers gives that config."""
+    from fusion.api.resolver import write_header_folder
+
+    cfg = transformers.AutoConfig.for_model(model_type, **config)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    header, offset = {}, 0
+    for name, tensor in model.state_dict().items():
+        size = tensor.numel() * 2
+        header[name] = {"dtype": "BF16", "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    data = cfg.to_dict()
+    data["dtype"] = "bfloat16"
+    return write_header_folder(folder, data, {"model.safetensors": (offset + 8, header)}, source=model_type,
+                               download_bytes=offset)
+
+
+def build_coarse_case(root: Path, pivot_steps: int = 60, source_steps: int = 150) -> dict[str, Path]:
+    """fine_pivot (Llama) splits every word in two and was trained on shuffled words; fine_same
+    (Qwen2, the same vocabulary) and coarse (Llama, every word one token, its own BOS and EOS, and
+    trained with its own chat template) were trained on the pattern; fusion data (responses after
+    a space, so that every word of them is split the same way)."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(2)
+    tok_f = make_split_tokenizer(root / "tok_f")
+    tok_w = make_word_tokenizer(root / "tok_w")
+
+    def spaced(record: dict) -> dict:
+        return {"prompt": record["prompt"], "response": " " + record["response"]}
+
+    pattern_train = [spaced(pattern(rng.randrange(len(WORDS)), rng.randint(4, 8))) for _ in range(64)]
+    noise = [spaced(shuffled(rng, rng.randint(4, 8))) for _ in range(64)]
+    paths = {}
+    for name, family, tok, data, steps, seed in (
+        ("fine_pivot", "llama", tok_f, noise, pivot_steps, 3),
+        ("fine_same", "qwen2", tok_f, pattern_train, source_steps, 4),
+        ("coarse", "llama", tok_w, pattern_train, source_steps, 5),
+    ):
+        model = make_model(root / name, family, tok, seed)
+        train_lm(model, tok, data, steps, seed)
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        paths[name] = root / name
+    fuse_data = [spaced(pattern(rng.randrange(len(WORDS)), rng.randint(4, 8))) for _ in range(48)]
+    heldout = [spaced(pattern(rng.randrange(len(WORDS)), rng.randint(5, 9))) for _ in range(16)]
+    for name, records in (("coarse-train.jsonl", fuse_data), ("coarse-heldout.jsonl", heldout)):
+        (root / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+    paths["data"], paths["heldout"] = root / "coarse-train.jsonl", root / "coarse-heldout.jsonl"
+    return paths
+
+
+def shared_case(tmp_path_factory, name: str, build, last_file: str) -> Path:
+    """A case built once per test run and shared by the xdist workers (their temp folders share
+    the run's parent); ``last_file`` is what ``build`` writes last."""
+    import os
+
+    from filelock import FileLock
+
+    torch.set_num_threads(1)  # two workers on two cores: more threads only contend
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+    with FileLock(str(root) + ".lock"):
+        if not (root / last_file).exists():
+            build(root)
+    return root
+
+
 def write_config(root: Path, *, alignment: str = "statistics", function: str = "min_ce", lm_loss_weight: float = 0.0,
                  epochs: int = 8, sources: tuple[str, ...] = ("source_a", "source_b"), extra: str = "",
-                 name: str = "fuse.yaml") -> Path:
-    text = f"""pivot: ./pivot
+                 name: str = "fuse.yaml", pivot: str = "pivot", data: str = "train.jsonl",
+                 heldout: str = "heldout.jsonl", max_length: int = 64, training: str = "",
+                 representations: str = "") -> Path:
+    text = f"""pivot: ./{pivot}
 sources:
-{"".join(f"  - model: ./{s}" + chr(10) for s in sources)}data: train.jsonl
-eval_data: heldout.jsonl
-representations: {{top_k: 10, max_length: 64, batch_size: 16}}
+{"".join(f"  - model: ./{s}" + chr(10) for s in sources)}data: {data}
+eval_data: {heldout}
+representations: {{top_k: 10, max_length: {max_length}, batch_size: 16{representations}}}
 alignment: {alignment}
 fusion_function: {function}
 training: {{lm_loss_weight: {lm_loss_weight}, epochs: {epochs}, learning_rate: 3.0e-3, batch_size: 8,
-           warmup_ratio: 0.1, seed: 42, dtype: float32}}
+           warmup_ratio: 0.1, seed: 42, dtype: float32{training}}}
 {extra}"""
     path = root / name
     path.write_text(text)

@@ -1,6 +1,6 @@
 """Pairwise fusion (`fusion fuse`): alignment units on hand-made token sequences, vocabulary maps,
 fusion functions on hand-computed numbers, config and data errors, and end-to-end runs on tiny
-models with different tokenizers (knowledge transfer, resume, torchrun/DDP)."""
+models with different tokenizers (knowledge transfer, resume); torchrun and FSDP are in test_fuse_scale.py."""
 
 from __future__ import annotations
 
@@ -162,20 +162,50 @@ def test_nearest_token_search_equals_brute_force():
         assert min_edit_distance_token(text, ctx) == brute, text
 
 
-def test_statistics_chooses_among_co_aligned_tokens_by_edit_distance_then_count():
-    # " dogs" was aligned with " cats" (5 times) and " dog" (once): " dog" is closer, so it wins;
-    # " doe" with " do" (1 edit) and " cats" (3 edits, though more often): " do";
+def test_statistics_prefers_a_co_aligned_token_that_starts_the_source_token():
+    # " dogs" was aligned with " cats" (5 times) and " dog" (once): " dog" starts " dogs" and is closer;
+    # " doe" with " do" (2 times) and " cats" (7 times): " do" starts it;
     # "ings" only with "x": the only candidate wins although "ing" is closer
     ctx = _ctx({(2, 3): 5, (2, 4): 1, (4, 6): 2, (4, 3): 7, (3, 7): 1})
     table, _ = _map("statistics", ctx)
     assert table[2] == 4 and table[4] == 6 and table[3] == 7
-    # ties in edit distance go to the more frequent pairing
-    ctx = _ctx({(4, 4): 1, (4, 6): 3})
-    assert _map("statistics", ctx)[0][4] == 6
-    ctx = _ctx({(4, 4): 3, (4, 6): 1})
-    assert _map("statistics", ctx)[0][4] == 4
+    # " doe" is one edit from both " dog" and " do"; " do" starts it, however often " dog" was seen
+    for counts in ({(4, 4): 1, (4, 6): 3}, {(4, 4): 3, (4, 6): 1}):
+        assert _map("statistics", _ctx(counts))[0][4] == 6
+    # neither starts "zzzzzzzz" and both are 8 edits away: the more frequent pairing wins
+    assert _map("statistics", _ctx({(5, 7): 1, (5, 5): 3}))[0][5] == 5
+    assert _map("statistics", _ctx({(5, 7): 3, (5, 5): 1}))[0][5] == 7
     # never co-aligned: minimum edit distance over the whole pivot vocabulary
     assert _map("statistics", _ctx())[0][2] == 4
+
+
+def test_statistics_maps_a_token_the_pivot_splits_to_its_first_piece():
+    """A coarse source token (" river") is aligned with each pivot piece (" ri", "ver") equally
+    often and at the same edit distance; the piece the pivot writes first is the one it stands for."""
+    pivot, source = ["<pad>", "ver", " ri", " riv", "er"], [" river"]
+    for pairs in ({(0, 1): 3, (0, 2): 3}, {(0, 1): 9, (0, 2): 1}):
+        ctx = VocabContext(pivot, source, pivot_index(pivot), Counter(pairs))
+        assert _map_with("statistics", ctx, [0])[0] == {0: 2}
+    # with the longer first piece among the candidates, the closer one wins
+    ctx = VocabContext(pivot, source, pivot_index(pivot), Counter({(0, 2): 1, (0, 3): 1, (0, 4): 1}))
+    assert _map_with("statistics", ctx, [0])[0] == {0: 3}
+
+
+def _map_with(name, ctx, ids):
+    vm = VocabMap(alignments()[name], ctx)
+    vm.build(np.array(ids))
+    return vm.table, vm.how
+
+
+def test_special_tokens_map_to_their_counterparts_before_strings():
+    # the source's "</s>" ends its turns; the pivot ends them with "<|end|>" although it also has a "</s>"
+    pivot, source = ["</s>", "<|end|>", " a"], ["</s>", "<s>", " a"]
+    ctx = VocabContext(pivot, source, pivot_index(pivot), counterparts={0: 1})
+    table, how = _map_with("exact", ctx, [0, 1, 2])
+    assert table == {0: 1, 1: -1, 2: 2} and how == {0: MAPPED, 2: EXACT}
+    # a counterpart with the same string counts as exact
+    ctx = VocabContext(pivot, pivot, pivot_index(pivot), counterparts={1: 1})
+    assert _map_with("exact", ctx, [1])[1] == {1: EXACT}
 
 
 # -- fusion functions and fused targets --------------------------------------------------------
@@ -217,30 +247,65 @@ def _pair():
     return pivot, source, pivot_tokens, source_tokens
 
 
-def test_alignment_carries_source_distributions_to_one_to_one_positions():
+def test_a_position_takes_the_source_prediction_where_both_have_read_the_same_text():
     pivot, source, pt, st = _pair()
+    a = align(pivot, source, pt, st, alignments()["exact"], carry="all")
+    # t=0 ("a" on both sides) predicts "bc", which the source splits: carried (FuseChat), then mapped;
+    # t=1: the pivot's "bc" ends where the source's "c" does (the last piece): carried, and the next
+    # tokens "d" / "D" cover the same character: exact; t=2 "d" ~ "D": exact
+    assert list(a.status[:3]) == [MAPPED, EXACT, EXACT]
+    assert a.coverage["positions"] == {"exact": 2, "mapped": 1, "fallback": 0}
+    # the source predicts "e" (pivot 3) and "b" (no pivot token under `exact`: dropped)
+    assert [list(a.ids[t][:2]) for t in range(3)] == [[3, -1]] * 3
+    assert a.coverage["topk_tokens"] == {"exact": 3, "mapped": 0, "dropped": 3}
+    # by default a source whose next token is only a piece of the pivot's ("b" of "bc") is not carried
     a = align(pivot, source, pt, st, alignments()["exact"])
-    # t=0 predicts "bc" (split in the source): fallback; t=1 predicts "d" ~ "D": one-to-one but
-    # different strings (mapped); t=2 predicts "e": exact
-    assert list(a.status[:3]) == [FALLBACK, MAPPED, EXACT]
-    assert a.coverage["positions"] == {"exact": 1, "mapped": 1, "fallback": 1}
-    assert list(a.ids[0][:2]) == [0, 4]  # the pivot's own top-k at the fallback position
-    # at t=2 the source's "e" maps to pivot 3 exactly, its "b" has no pivot token under `exact`
-    assert list(a.ids[2][:2]) == [3, -1]
-    assert a.coverage["topk_tokens"]["dropped"] > 0
-    gold = align(pivot, source, pt, st, alignments()["exact"], fallback="gold")
-    assert list(gold.ids[0][:2]) == [0, -1]  # one-hot gold "bc"
+    assert list(a.status[:3]) == [FALLBACK, EXACT, EXACT] and list(a.ids[0][:2]) == [0, -1]  # gold "bc"
 
 
-def test_one_to_one_pairs_after_different_text_fall_back():
+def test_one_to_many_and_many_to_one_positions():
+    from fusion.fuse.align import carried
+
+    def spans(tokens, start=0):
+        ends = start + np.cumsum([len(t) for t in tokens])
+        return np.stack([ends - [len(t) for t in tokens], ends], axis=1)
+
+    # the pivot splits "ab": its first piece has no source token ending with it (fallback); its
+    # last piece ends with the source's "ab" and takes its prediction (whose next token, "cd",
+    # is the same on both sides)
+    rows, status, finer = carried(spans(["a", "b", "cd", "e"]), spans(["ab", "cd", "e"]))
+    assert rows.tolist() == [-1, 0, 1, 2] and status.tolist()[:3] == [FALLBACK, EXACT, EXACT]
+    assert not finer.any()
+    # the source splits "ab": the pivot's whole token takes the source's last piece; before it, both
+    # have read "x" and the source's next token ("a") is shorter than the pivot's ("ab"): mapped
+    rows, status, finer = carried(spans(["x", "ab", "cd"]), spans(["x", "a", "b", "cd"]))
+    assert rows.tolist() == [0, 2, 3] and status.tolist()[:2] == [MAPPED, EXACT]
+    assert finer.tolist() == [True, False, False]  # "a" is a piece of what the pivot writes next
+    # a coarser source: its next token "abc" covers the pivot's "a": mapped, not finer
+    rows, status, finer = carried(spans(["x", "a", "bc"]), spans(["x", "abc"]))
+    assert rows.tolist() == [0, -1, 1] and status[0] == MAPPED and not finer[0]
+    # BOS: a zero-width token on both sides at 0 is carried; a BOS only the pivot has is not
+    bos = np.array([[0, 0]])
+    rows, *_ = carried(np.vstack([bos, spans(["ab"])]), np.vstack([bos, spans(["ab"])]))
+    assert rows.tolist() == [0, 1]
+    rows, *_ = carried(np.vstack([bos, spans(["ab"])]), spans(["ab"]))
+    assert rows.tolist() == [-1, 0]
+    # a text both cut short at different places: the pivot's tail has nothing to take
+    rows, *_ = carried(spans(["ab", "cd", "ef"]), spans(["ab", "c"]))
+    assert rows.tolist() == [0, -1, -1]
+
+
+def test_unaligned_positions_fall_back_to_gold_or_to_the_pivot():
     pt, st = ["ab", "c", "d", "q"], ["a", "bc", "d"]
     pivot = _reps(pt, [0, 1, 2], [False, True, True], [[3, 2]] * 3, [[1.0, 0.0]] * 3, [1.0])
     source = _reps(st, [0, 1, 2], [False, True, True], [[2, 1]] * 3, [[1.0, 0.0]] * 3, [0.5])
-    a = align(pivot, source, pt, st, alignments()["exact"])
-    # "c" ~ "bc" are paired, but the pivot has read "ab" and the source only "a": fallback;
-    # "d" ~ "d" after "abc" on both sides: the source's prediction is carried
-    assert list(a.status[:2]) == [FALLBACK, EXACT]
-    assert list(a.ids[0][:2]) == [3, 2] and list(a.ids[1][:2]) == [2, -1]
+    # t=0: the pivot has read "ab", the source only "a" or "abc": nothing to take; t=1: both "abc"
+    gold = align(pivot, source, pt, st, alignments()["exact"])
+    assert list(gold.status[:2]) == [FALLBACK, EXACT]
+    assert list(gold.ids[0][:2]) == [1, -1]  # one-hot gold "c" (FuseChat's default)
+    assert list(gold.ids[1][:2]) == [2, -1]  # the source's "d"; its "bc" has no pivot token
+    own = align(pivot, source, pt, st, alignments()["exact"], fallback="pivot")
+    assert list(own.ids[0][:2]) == [3, 2]  # the pivot's own top-k
 
 
 def test_fused_targets_min_ce_and_avg_ce_on_hand_computed_numbers():
@@ -309,6 +374,13 @@ def _config(tmp_path, text):
     ("pivot: ./p\nsources: [./s]\ndata: d.jsonl\nmerge: {method: sce, parameters: {density: 0.5}}\n",
      "merge.parameters.density", 4, "select_topk"),
     ("pivot: ./p\nsources: [./s]\ndata: d.jsonl\nmerge: {method: nope}\n", "merge.method", 4, "ties"),
+    ("pivot: ./p\nsources: [./s]\ndata: d.jsonl\nrepresentations: {store_dtype: bfloat16}\n",
+     "representations.store_dtype", 4, "float16"),
+    ("pivot: ./p\nsources: [./s]\ndata: d.jsonl\nrepresentations:\n  dtype: int4\n", "representations.dtype", 5, "auto"),
+    ("pivot: ./p\nsources: [./s]\ndata: d.jsonl\ntraining: {strategy: zero3}\n", "training.strategy", 4, "fsdp"),
+    ("pivot: ./p\nsources: [./s]\ndata: d.jsonl\ntraining: {packing: 1}\n", "training.packing", 4, "true or false"),
+    ("pivot: ./p\nsources: [./s]\ndata: d.jsonl\nalignment: {method: exact, carry: more}\n", "alignment.carry", 4,
+     "coarser"),
 ])
 def test_config_errors_name_the_path_and_line(tmp_path, text, path, line, words):
     with pytest.raises(ConfigError) as info:
@@ -324,6 +396,19 @@ def test_config_defaults_follow_fusechat(tmp_path):
     t = c.training
     assert (t.lm_loss_weight, t.epochs, t.learning_rate, t.warmup_ratio) == (0.9, 3, 5e-6, 0.03)
     assert (c.merge_method, c.merge_parameters["select_topk"]) == ("sce", 0.1)
+
+
+def test_every_fuse_setting_is_documented():
+    from dataclasses import fields
+
+    from fusion.fuse.config import RepresentationSettings, Training
+
+    doc = (ROOT / "docs" / "fuse.md").read_text()
+    for prefix, cls in (("representations", RepresentationSettings), ("training", Training)):
+        for f in fields(cls):
+            assert f"| `{prefix}.{f.name}` |" in doc, f"{prefix}.{f.name} is not in the table of docs/fuse.md"
+    for key in ("alignment.fallback", "alignment.carry", "fusion_function"):
+        assert f"| `{key}` |" in doc
 
 
 def test_chat_formatting_masks_prompts(tmp_path):
@@ -389,19 +474,9 @@ def test_without_transformers_fuse_says_how_to_install_and_merge_still_works(tmp
 @pytest.fixture(scope="module")
 def case(tmp_path_factory):
     """The tiny models and data, built once per test run (shared by the xdist workers)."""
-    import torch
-    from filelock import FileLock
+    from fuse_models import build_fusion_case, shared_case
 
-    from fuse_models import build_fusion_case
-
-    torch.set_num_threads(1)  # two workers on two cores: more threads only contend
-    base = tmp_path_factory.getbasetemp()
-    # xdist workers' temp folders share this run's parent; without xdist it is this run's own
-    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "fuse-case"
-    with FileLock(str(root) + ".lock"):
-        if not (root / "heldout.jsonl").exists():
-            build_fusion_case(root)
-    return root
+    return shared_case(tmp_path_factory, "fuse-case", build_fusion_case, "heldout.jsonl")
 
 
 def _copy_case(case: Path, tmp_path: Path) -> Path:
@@ -429,7 +504,8 @@ def test_knowledge_transfer_through_aligned_distributions(case, tmp_path):
 
     root = _copy_case(case, tmp_path)
     inputs = _mtimes(root)
-    config = write_config(root, lm_loss_weight=0.0)
+    # unaligned positions learn the pivot's own distribution, so nothing of the pattern leaks in there
+    config = write_config(root, lm_loss_weight=0.0, alignment="{method: statistics, fallback: pivot}")
     out = root / "out"
     messages = []
     report = run_fuse(config, out, echo=messages.append)
@@ -472,6 +548,7 @@ def test_knowledge_transfer_through_aligned_distributions(case, tmp_path):
     again = run_fuse(config, out, echo=lambda _m: None)
     assert again["stages"]["represent"]["reused"] == 3
     assert all(t["reused"] for t in again["training"].values())
+    assert again["stages"]["merge"]["note"] == again["stages"]["evaluate"]["note"] == "reused"
     assert _mtimes(out / "cache") == before
     assert again["heldout_loss"]["targets"] == pytest.approx(held["targets"])
     assert again["heldout_loss"]["merged"] == pytest.approx(held["merged"])
@@ -497,7 +574,7 @@ def test_interrupted_run_resumes_from_the_representations(case, tmp_path, monkey
     assert stop.value.code == 130
     assert "a re-run resumes" in capsys.readouterr().err
     cached = _mtimes(out / "cache")
-    assert "represent-pivot.safetensors" in cached and "represent-source_b.safetensors" in cached
+    assert {"represent-pivot/chunk-00000.safetensors", "represent-source_b/chunk-00000.safetensors"} <= set(cached)
     assert not (out / "targets" / "pivot-source_b").exists()  # a target is complete or absent
     assert not list((out / "targets").iterdir())
 
@@ -518,34 +595,6 @@ def test_interrupted_run_resumes_from_the_representations(case, tmp_path, monkey
     config.write_text(config.read_text().replace("top_k: 10", "top_k: 5"))
     main(["fuse", str(config), "-o", str(out), "--until", "represent", "-q"])
     assert json.loads((out / "report.json").read_text())["stages"]["represent"]["computed"] == 2
-
-
-@pytest.mark.slow
-def test_torchrun_trains_with_two_processes(case, tmp_path):
-    """Two CPU processes (gloo) through torchrun: a loadable target and a falling loss."""
-    import transformers
-
-    from fuse_models import write_config
-
-    root = _copy_case(case, tmp_path)
-    config = write_config(root, sources=("source_b",), epochs=4, lm_loss_weight=0.5)
-    torchrun = Path(sys.executable).parent / "torchrun"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "fusion", "fuse",
-                             str(config), "-o", str(root / "out")], cwd=root, capture_output=True, text=True,
-                            env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((root / "out" / "report.json").read_text())
-    assert report["processes"] == 2
-    curve = report["training"]["source_b"]["curve"]
-    assert curve[-1]["loss"] < curve[0]["loss"]
-    # each step takes 8 sequences on each process: 48 sequences → 3 steps per epoch
-    assert len(curve) == 4 * 3
-    target = root / "out" / "targets" / "pivot-source_b"
-    model = transformers.AutoModelForCausalLM.from_pretrained(target)
-    assert report["heldout_loss"]["targets"]["pivot-source_b"] < report["heldout_loss"]["pivot"]
-    assert model.config.model_type == "llama"
-    assert result.stdout.count("held-out loss") == 1  # only process 0 reports
 
 
 def test_a_plugin_adds_an_alignment_and_a_fusion_function(tmp_path, monkeypatch):
@@ -586,20 +635,29 @@ def register_fusion_functions(register):
 
 
 def test_representations_match_the_model(case):
-    """Top-k ids/logits are the model's, and the sequence CE is transformers' own masked loss."""
+    """Top-k ids/logits are the model's own forward's (scored through the decoder and the output
+    layer a few positions at a time), and the sequence CE is transformers' own masked loss, on
+    the source's own reading of the pivot-rendered text."""
     import torch
 
-    from fusion.fuse import models
-    from fusion.fuse.data import encode, load_examples
-    from fusion.fuse.represent import compute
+    from fusion.fuse import models, represent
+    from fusion.fuse.data import load_examples
+    from fusion.fuse.reading import read, source_reading
 
     tok = models.load_tokenizer(case / "source_b", "source_b")
     model = models.load_model(case / "source_b", "source_b")
-    examples = load_examples(case / "heldout.jsonl", models.load_tokenizer(case / "pivot", "pivot"))[:5]
-    reps = compute(model, tok, examples, top_k=4, max_length=64, batch_size=3, device="cpu")
+    pivot_tok = models.load_tokenizer(case / "pivot", "pivot")
+    examples = load_examples(case / "heldout.jsonl", pivot_tok)[:5]
+    reading = source_reading(tok, pivot_tok)
+    old_chunk, represent.HEAD_CHUNK = represent.HEAD_CHUNK, 7  # several output-layer chunks per batch
+    try:
+        reps = represent.score(model, reading, examples, top_k=4, max_length=64, batch_size=3)
+    finally:
+        represent.HEAD_CHUNK = old_chunk
+    assert represent.head_matches(model, reading, examples[0])
     assert len(reps) == 5 and reps.topk_ids.shape == (int(reps.lengths.sum()), 4)
     for i, e in enumerate(examples):
-        ids, response = encode(tok, e, 64)
+        ids, response, _ = read(reading, e.text, e.spans, e.chat, 64)
         assert (reps.input_ids[reps.span(i)] == ids).all() and (reps.response[reps.span(i)] == response).all()
         x = torch.from_numpy(ids)[None]
         with torch.no_grad():

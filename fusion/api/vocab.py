@@ -19,28 +19,39 @@ class VocabContext:
 
     ``pivot_tokens`` / ``source_tokens`` are the surface strings of every token id (the text a
     token stands for, with tokenizer markers such as ``Ġ`` or ``▁`` turned back into spaces);
-    ``pivot_index`` maps a pivot surface string to its lowest id; ``cooccurrence`` counts
-    ``(source_id, pivot_id)`` pairs of tokens aligned one-to-one over the fusion data.
+    ``pivot_index`` maps a pivot surface string to its lowest id.
+
+    ``cooccurrence`` counts the ``(source_id, pivot_id)`` pairs of tokens aligned with each other
+    over the fusion data: every pair of the alignment paths, so a source token the pivot always
+    splits is counted with each of its pieces (FuseChat's token alignment matrix).
+    ``one_to_one`` counts the subset aligned one-to-one (neither token aligned to anything else).
+    ``counterparts`` maps the source's special tokens (BOS, EOS, end of turn) to the pivot's;
+    the host applies it before asking the alignment.
     """
 
     pivot_tokens: Sequence[str]
     source_tokens: Sequence[str]
     pivot_index: dict[str, int]
     cooccurrence: Counter = field(default_factory=Counter)
+    one_to_one: Counter = field(default_factory=Counter)
+    counterparts: dict[int, int] = field(default_factory=dict)
 
 
 class Alignment:
     """Maps source tokens that have no pivot token with the same string to a pivot token.
 
-    The host first maps every source token to the pivot token with the same surface string;
-    :meth:`map_tokens` is asked only about the others. Tokens it leaves out are dropped from
-    the aligned distribution.
+    The host first maps the source's special tokens to their pivot counterparts and every other
+    source token to the pivot token with the same surface string; :meth:`map_tokens` is asked
+    only about the rest. Tokens it leaves out are dropped from the aligned distribution.
     """
 
     #: Name used as ``alignment`` in fuse configs.
     name: str = ""
     #: One line for ``fusion plugins``.
     description: str = ""
+    #: Whether :meth:`map_tokens` reads ``context.cooccurrence`` / ``one_to_one``: counting the
+    #: aligned pairs takes a token alignment of every sequence, which is skipped when False.
+    uses_pairs: bool = True
 
     def map_tokens(self, source_ids: Sequence[int], context: VocabContext) -> dict[int, int]:
         """Return ``{source_id: pivot_id}`` for the given source ids that this alignment maps."""

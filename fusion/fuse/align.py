@@ -1,10 +1,15 @@
 """Token alignment between two tokenizations of the same text, and vocabulary maps.
 
-1. Sequence alignment: dynamic time warping over the two token sequences with an edit-distance
-   cost (FuseLLM). A pivot token aligned to exactly one source token that is aligned to it alone
-   is a one-to-one pair; only those carry a source distribution.
-2. Vocabulary map: a source token maps to the pivot token with the same surface string, else
-   through the configured :class:`~fusion.fuse.api.Alignment` (exact / min_ed / statistics).
+1. Positions (:func:`carried`): pivot position t takes the source's prediction at the source
+   token that ends on the same character as pivot token t: both have read the same text, so
+   both predict what follows it. That covers one-to-one pairs, the last piece of a token the
+   other side splits, and a whole token against the other side's last piece (FuseChat's
+   suffix rule, decided on character offsets instead of string suffixes).
+2. Sequence alignment: dynamic time warping over the two token sequences with an edit-distance
+   cost (FuseLLM); every aligned pair is counted for the ``statistics`` vocabulary map.
+3. Vocabulary map: a source special token maps to its pivot counterpart, any other token to the
+   pivot token with the same surface string, else through the configured
+   :class:`~fusion.api.vocab.Alignment` (exact / min_ed / statistics).
 """
 
 from __future__ import annotations
@@ -156,6 +161,37 @@ def one_to_one(path: Sequence[tuple[int, int]]) -> dict[int, int]:
     return {i: j for i, j in path if count_a[i] == 1 and count_b[j] == 1}
 
 
+def carried(pivot_offsets: np.ndarray, source_offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For every pivot position: the source position whose prediction it takes (-1: none),
+    EXACT / MAPPED / FALLBACK, and whether the source's next token is shorter than the pivot's.
+
+    EXACT: the next tokens cover the same characters too. MAPPED: they differ; the source's
+    distribution goes through the vocabulary map onto what the pivot writes next. ``finer``:
+    the source's next token is only a piece of the pivot's (its prediction names a prefix of
+    what the pivot writes; see ``alignment.carry``).
+    """
+    n, m = len(pivot_offsets), len(source_offsets)
+    rows = np.full(n, -1, dtype=np.int64)
+    status = np.full(n, FALLBACK, dtype=np.uint8)
+    finer = np.zeros(n, dtype=bool)
+    if n == 0 or m == 0:
+        return rows, status, finer
+    pe, se = pivot_offsets[:, 1], source_offsets[:, 1]
+    j = np.searchsorted(np.maximum.accumulate(se), pe, side="right") - 1
+    jc = np.clip(j, 0, m - 1)
+    last = np.ones(n, dtype=bool)
+    last[:-1] = pe[1:] != pe[:-1]  # a zero-width pivot token follows: t has not predicted the text yet
+    ok = (j >= 0) & (se[jc] == pe) & last
+    rows[ok] = j[ok]
+    nxt_p = np.minimum(np.arange(n) + 1, n - 1)
+    nxt_s = np.minimum(jc + 1, m - 1)
+    both = (np.arange(n) + 1 < n) & (jc + 1 < m)
+    same = both & (pivot_offsets[nxt_p] == source_offsets[nxt_s]).all(axis=1)
+    status[ok] = np.where(same[ok], EXACT, MAPPED)
+    finer[ok] = (both & (source_offsets[nxt_s, 1] < pivot_offsets[nxt_p, 1]))[ok]
+    return rows, status, finer
+
+
 class VocabMap:
     """Source token id → pivot token id (or -1), built once for every id the data needs."""
 
@@ -173,6 +209,12 @@ class VocabMap:
                 continue
             text = ctx.source_tokens[s] if s < len(ctx.source_tokens) else ""
             p = ctx.pivot_index.get(text, -1) if text else -1
+            if s in ctx.counterparts and 0 <= ctx.counterparts[s] < len(ctx.pivot_tokens):
+                # before the same-string rule: a source EOS "</s>" stands for the pivot's
+                # end-of-turn marker even where the pivot also has a "</s>"
+                c = int(ctx.counterparts[s])
+                self.table[s], self.how[s] = c, EXACT if c == p else MAPPED
+                continue
             self.table[s] = p
             if p >= 0:
                 self.how[s] = EXACT
@@ -187,3 +229,14 @@ class VocabMap:
     def lookup(self, ids: np.ndarray) -> np.ndarray:
         out = np.array([self.table.get(int(s), -1) for s in ids.ravel()], dtype=np.int64)
         return out.reshape(ids.shape)
+
+    def arrays(self, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """The map as dense arrays over source ids [0, size): pivot id (-1) and EXACT / MAPPED /
+        FALLBACK (dropped)."""
+        table = np.full(max(size, 1), -1, dtype=np.int32)
+        how = np.full(max(size, 1), FALLBACK, dtype=np.uint8)
+        for s, p in self.table.items():
+            if 0 <= s < size:
+                table[s] = p
+                how[s] = self.how.get(s, FALLBACK)
+        return table, how

@@ -22,6 +22,9 @@ class RepresentationSettings:
     top_k: int = 10
     max_length: int = 2048
     batch_size: int = 8
+    chunk_size: int = 256  # sequences per chunk file: the unit of work, memory and resumption
+    dtype: str = "auto"  # scoring dtype: the stored one on GPUs, float32 on CPU
+    store_dtype: str = "float16"  # of the cached logits and target probabilities (FuseChat's)
 
 
 @dataclass
@@ -35,6 +38,10 @@ class Training:
     weight_decay: float = 0.0
     seed: int = 42
     dtype: str = "bfloat16"
+    strategy: str = "auto"  # ddp | fsdp | auto (FSDP where a whole copy would not fit a GPU)
+    gradient_checkpointing: bool = True
+    packing: bool = True  # whole sequences back to back in rows of max_length tokens
+    max_length: int | None = None  # tokens per packed row (default: representations.max_length)
 
 
 @dataclass
@@ -46,7 +53,8 @@ class FuseConfig:
     eval_fraction: float = 0.1
     representations: RepresentationSettings = field(default_factory=RepresentationSettings)
     alignment: str = "statistics"
-    fallback: str = "pivot"  # what an unaligned position learns from: "pivot" or "gold"
+    fallback: str = "gold"  # what an unaligned position learns from: "gold" (FuseChat) or "pivot"
+    carry: str = "coarser"  # where the next tokens differ: only a coarser source's prediction, or "all"
     fusion_function: str = "min_ce"
     training: Training = field(default_factory=Training)
     merge_method: str = "sce"
@@ -150,17 +158,33 @@ def _from_document(doc: Document) -> FuseConfig:
     def number(v, p, **kw):
         return _number(v, float, p, lines, **kw)
 
+    def dtype(v, p, extra=()):
+        if v in extra:
+            return v
+        found = output_dtype(v)
+        if found is None:
+            raise ConfigError(p, f"unknown dtype {v!r}; use {', '.join(extra + ('float32', 'bfloat16', 'float16'))}",
+                              lines.get(p))
+        return found.name
+
+    def choice(v, p, options):
+        if v not in options:
+            raise ConfigError(p, f"{v!r} is not one of {', '.join(options)}", lines.get(p))
+        return v
+
+    def boolean(v, p):
+        if not isinstance(v, bool):
+            raise ConfigError(p, f"must be true or false, not {v!r}", lines.get(p))
+        return v
+
     reps = _section(data, "representations", RepresentationSettings, problems, {
         "top_k": lambda v, p: integer(v, p, positive=True),
         "max_length": lambda v, p: integer(v, p, minimum=2, maximum=1 << 20),
         "batch_size": lambda v, p: integer(v, p, positive=True),
+        "chunk_size": lambda v, p: integer(v, p, positive=True),
+        "dtype": lambda v, p: dtype(v, p, ("auto",)),
+        "store_dtype": lambda v, p: choice(v, p, ("float16", "float32")),
     })
-
-    def dtype(v, p):
-        found = output_dtype(v)
-        if found is None:
-            raise ConfigError(p, f"unknown dtype {v!r}; use float32, bfloat16 or float16", lines.get(p))
-        return found.name
 
     training = _section(data, "training", Training, problems, {
         "lm_loss_weight": lambda v, p: number(v, p, minimum=0.0, maximum=1.0),
@@ -172,16 +196,24 @@ def _from_document(doc: Document) -> FuseConfig:
         "weight_decay": lambda v, p: number(v, p, minimum=0.0, maximum=1e9),
         "seed": lambda v, p: integer(v, p, minimum=0, maximum=2**63 - 1),
         "dtype": dtype,
+        "strategy": lambda v, p: choice(v, p, ("auto", "ddp", "fsdp")),
+        "gradient_checkpointing": boolean,
+        "packing": boolean,
+        "max_length": lambda v, p: integer(v, p, minimum=2, maximum=1 << 20),
     })
 
-    # alignment: a name, or {method: name, fallback: pivot|gold}
-    alignment, fallback = data.get("alignment", "statistics"), "pivot"
+    # alignment: a name, or {method: name, fallback: gold|pivot, carry: coarser|all}
+    alignment, fallback, carry = data.get("alignment", "statistics"), "gold", "coarser"
     if isinstance(alignment, Mapping):
-        problems.known_keys(alignment, ("method", "fallback"), "alignment", "alignment has")
-        fallback = alignment.get("fallback", "pivot")
+        problems.known_keys(alignment, ("method", "fallback", "carry"), "alignment", "alignment has")
+        carry = alignment.get("carry", "coarser")
+        if carry not in ("coarser", "all"):
+            problems.add("alignment.carry", f"carry {carry!r} is unknown; use coarser (a source prediction only "
+                                            f"where its next token covers the pivot's) or all (FuseChat's)")
+        fallback = alignment.get("fallback", "gold")
         if fallback not in ("pivot", "gold"):
-            problems.add("alignment.fallback", f"fallback {fallback!r} is unknown; use pivot (the pivot's own "
-                                               f"distribution) or gold (the one-hot gold token)")
+            problems.add("alignment.fallback", f"fallback {fallback!r} is unknown; use gold (the one-hot gold "
+                                               f"token) or pivot (the pivot's own distribution)")
         alignment = alignment.get("method", "statistics")
     known = alignments()
     if alignment not in known:
@@ -224,7 +256,7 @@ def _from_document(doc: Document) -> FuseConfig:
     problems.done()
     return FuseConfig(
         pivot=pivot, sources=sources, data=train_file, eval_data=eval_file, eval_fraction=eval_fraction,
-        representations=reps, alignment=alignment, fallback=fallback, fusion_function=function,
+        representations=reps, alignment=alignment, fallback=fallback, carry=carry, fusion_function=function,
         training=training, merge_method=method, merge_parameters=dict(params), source=doc.source,
         text=doc.text, base_dir=doc.base_dir,
     )

@@ -20,7 +20,7 @@ ROLES = ("system", "user", "assistant")
 class Example:
     text: str
     spans: list[tuple[int, int]]  # character spans of the responses
-    chat: bool  # formatted by the chat template, which already holds the special tokens
+    chat: bool  # formatted by the chat template (so its BOS, if any, is in the text)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -121,14 +121,10 @@ def split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Exa
 
 
 def encode(tokenizer, example: Example, max_length: int, with_offsets: bool = False):
-    """Token ids and, per token, whether it belongs to a response (and so is a training target);
-    with ``with_offsets`` also each token's [start, end) characters in the text."""
-    enc = tokenizer(example.text, add_special_tokens=not example.chat, return_offsets_mapping=True,
-                    truncation=True, max_length=max_length)
-    ids = np.asarray(enc["input_ids"], dtype=np.int64)
-    response = np.zeros(len(ids), dtype=bool)
-    for t, (s, e) in enumerate(enc["offset_mapping"]):
-        response[t] = e > s and any(a <= s < b for a, b in example.spans)
-    if with_offsets:
-        return ids, response, np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
-    return ids, response
+    """The pivot's reading of ``example``: token ids and, per token, whether it belongs to a
+    response (and so is a training target); with ``with_offsets`` also each token's [start, end)
+    characters in the text. Sources read through :func:`fusion.fuse.reading.read`."""
+    from .reading import pivot_reading, read
+
+    ids, response, offsets = read(pivot_reading(tokenizer), example.text, example.spans, example.chat, max_length)
+    return (ids, response, offsets) if with_offsets else (ids, response)

@@ -1,11 +1,13 @@
-"""Target distributions: the source's top-k aligned onto the pivot's positions and vocabulary,
+"""Target distributions: the source's top-k carried onto the pivot's positions and vocabulary,
 then fused with the pivot's own distribution per sequence by a fusion function.
 
-Position t of the pivot predicts pivot token t+1. When token t+1 is aligned one-to-one with
-source token j+1 and tokens t and j end at the same character (both have read the same text),
-the source's distribution at position j is carried over, each top-k token mapped to a pivot
-token (or dropped); otherwise the position falls back to the pivot's own distribution or the
-one-hot gold token.
+Pivot position t takes the source's prediction where both have read the same text
+(:func:`fusion.fuse.align.carried`); each of its top-k tokens goes through the vocabulary map
+(or is dropped). Other positions fall back to the one-hot gold token (FuseChat) or the pivot's
+own distribution. The work is split in two passes over chunks of sequences so that the chunks
+can be spread over processes: :func:`positions` (which source position each pivot position
+takes, and the aligned token pairs the ``statistics`` map counts), then, once the vocabulary map
+is built from all chunks' pairs, :func:`apply_map` and :func:`fuse`.
 """
 
 from __future__ import annotations
@@ -14,15 +16,12 @@ import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from .cache import load_arrays, save_arrays
-from .align import EXACT, FALLBACK, MAPPED, STATUS_NAMES, VocabMap, align_tokens, one_to_one
-from ..api.vocab import pivot_index
-from ..api.vocab import Alignment, FusionFunction, VocabContext
+from ..api.vocab import Alignment, FusionFunction, VocabContext, pivot_index
+from .align import EXACT, FALLBACK, MAPPED, STATUS_NAMES, VocabMap, align_tokens, carried, one_to_one
 from .represent import Representations
 
 
@@ -36,80 +35,6 @@ class Aligned:
     coverage: dict = field(default_factory=dict)
 
 
-def softmax_rows(logits: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Softmax over each row's valid entries (temperature 1); rows without any are all zero."""
-    x = np.where(valid, logits.astype(np.float64), -np.inf)
-    top = np.max(x, axis=-1, keepdims=True)
-    top = np.where(np.isfinite(top), top, 0.0)
-    e = np.where(valid, np.exp(x - top), 0.0)
-    total = e.sum(axis=-1, keepdims=True)
-    return np.divide(e, total, out=np.zeros_like(e), where=total > 0)
-
-
-def align(pivot: Representations, source: Representations, pivot_tokens: Sequence[str],
-          source_tokens: Sequence[str], alignment: Alignment, fallback: str = "pivot") -> Aligned:
-    k = pivot.topk_ids.shape[1]
-    paths = []
-    cooccurrence: Counter = Counter()
-    for i in range(len(pivot)):
-        p_ids, s_ids = pivot.input_ids[pivot.span(i)], source.input_ids[source.span(i)]
-        a = [pivot_tokens[t] if t < len(pivot_tokens) else "" for t in p_ids]
-        b = [source_tokens[t] if t < len(source_tokens) else "" for t in s_ids]
-        path = align_tokens(a, b, pivot.offsets[pivot.span(i)], source.offsets[source.span(i)])
-        pairs = one_to_one(path)
-        # one-to-one pairs whose strings are the same (for the exact / mapped count)
-        paths.append({pi: (sj, a[pi] == b[sj]) for pi, sj in pairs.items()})
-        for pi, sj in pairs.items():
-            cooccurrence[(int(s_ids[sj]), int(p_ids[pi]))] += 1
-    context = VocabContext(pivot_tokens, source_tokens, pivot_index(pivot_tokens), cooccurrence)
-    vmap = VocabMap(alignment, context)
-    vmap.build(source.topk_ids)
-
-    T = len(pivot.input_ids)
-    ks = source.topk_ids.shape[1]
-    ids = np.full((T, max(k, ks)), -1, dtype=np.int64)
-    logits = np.zeros((T, max(k, ks)), dtype=np.float32)
-    status = np.full(T, FALLBACK, dtype=np.uint8)
-    counted = np.zeros(T, dtype=bool)
-    entries = Counter()
-    for i, pairs in enumerate(paths):
-        ps, ss = pivot.span(i), source.span(i)
-        p_ids, s_ids = pivot.input_ids[ps], source.input_ids[ss]
-        base = ps.start
-        counted[base:ps.stop - 1] = pivot.response[base + 1:ps.stop]
-        for t in range(len(p_ids) - 1):
-            j, same = pairs.get(t + 1, (None, False))
-            row = base + t
-            # carry the source's prediction only when both read the same text before it: a
-            # one-to-one pair such as "c" ~ "bc" after "ab" / "a" has different contexts
-            if j is not None and j >= 1 and pivot.offsets[base + t, 1] == source.offsets[ss.start + j - 1, 1]:
-                src = ss.start + j - 1
-                mapped = vmap.lookup(source.topk_ids[src])
-                seen, col = set(), 0
-                for s_id, p_id, value in zip(source.topk_ids[src], mapped, source.topk_logits[src]):
-                    if counted[row]:
-                        entries[STATUS_NAMES[vmap.how.get(int(s_id), FALLBACK)]] += 1
-                    if p_id < 0 or p_id in seen:  # unmapped, or a pivot token already given (higher logit)
-                        continue
-                    seen.add(int(p_id))
-                    ids[row, col], logits[row, col] = p_id, value
-                    col += 1
-                if col:
-                    status[row] = EXACT if same else MAPPED
-                    continue
-                ids[row], logits[row] = -1, 0.0
-            if fallback == "gold":
-                ids[row, 0], logits[row, 0] = p_ids[t + 1], 0.0
-            else:
-                ids[row, :k], logits[row, :k] = pivot.topk_ids[row], pivot.topk_logits[row]
-    positions = Counter(STATUS_NAMES[s] for s in status[counted])
-    coverage = {"positions": {n: int(positions.get(n, 0)) for n in STATUS_NAMES},
-                "topk_tokens": {"exact": int(entries.get("exact", 0)), "mapped": int(entries.get("mapped", 0)),
-                                "dropped": int(entries.get("fallback", 0))},
-                "vocabulary_pairs": len(cooccurrence)}
-    return Aligned(ids, logits, status, coverage)
-
-
 @dataclass
 class FusedTargets:
     """Per pivot position, the fused target distribution as sparse (ids, probs); ids -1 pad."""
@@ -118,44 +43,165 @@ class FusedTargets:
     probs: np.ndarray  # [T, m]
     weights: np.ndarray  # [N, 2] per sequence: weight of the pivot's own and the source distribution
 
-    def save(self, path: Path, key: str) -> None:
-        save_arrays(path, {"ids": self.ids, "probs": self.probs, "weights": self.weights}, key)
 
-    @classmethod
-    def load(cls, path: Path, key: str) -> "FusedTargets | None":
-        arrays = load_arrays(path, key)
-        return None if arrays is None else cls(**arrays)
+def softmax_rows(logits: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Softmax over each row's valid entries (temperature 1); rows without any are all zero."""
+    x = np.where(valid, logits.astype(np.float64), -np.inf)
+    top = np.max(x, axis=-1, keepdims=True) if x.shape[-1] else np.zeros(x.shape[:-1] + (1,))
+    top = np.where(np.isfinite(top), top, 0.0)
+    e = np.where(valid, np.exp(x - top), 0.0)
+    total = e.sum(axis=-1, keepdims=True)
+    return np.divide(e, total, out=np.zeros_like(e), where=total > 0)
 
 
-def fuse(pivot: Representations, aligned: Aligned, source_ce: np.ndarray, function: FusionFunction) -> FusedTargets:
-    k = pivot.topk_ids.shape[1]
-    p_probs = softmax_rows(pivot.topk_logits, np.ones_like(pivot.topk_ids, dtype=bool))
-    s_probs = softmax_rows(aligned.logits, aligned.ids >= 0)
-    T = len(pivot.input_ids)
-    m = k + aligned.ids.shape[1]
-    ids = np.full((T, m), -1, dtype=np.int64)
-    probs = np.zeros((T, m), dtype=np.float32)
-    weights = np.zeros((len(pivot), 2), dtype=np.float64)
+def target_mask(reps: Representations) -> np.ndarray:
+    """Positions whose next token is a response token of the same sequence (training targets)."""
+    mask = np.zeros(len(reps.input_ids), dtype=bool)
+    mask[:-1] = reps.response[1:]
+    if len(reps):
+        mask[reps.starts[1:] - 1] = False
+    return mask
+
+
+def positions(pivot: Representations, source: Representations, pivot_tokens: Sequence[str],
+              source_tokens: Sequence[str], pairs: bool = True) -> dict[str, np.ndarray]:
+    """Pass 1 over a chunk: per pivot position the source row it takes (-1: none) and its status,
+    the source ids any carried row holds, and (``pairs``) the aligned token pairs with counts."""
+    rows = np.full(len(pivot.input_ids), -1, dtype=np.int64)
+    status = np.full(len(pivot.input_ids), FALLBACK, dtype=np.uint8)
+    finer = np.zeros(len(pivot.input_ids), dtype=bool)
+    every: Counter = Counter()
+    single: Counter = Counter()
     for i in range(len(pivot)):
-        ce = [float(pivot.ce[i]), float(source_ce[i])]
-        w = [1.0, 0.0] if not all(np.isfinite(ce)) else list(function.weights(ce))
-        if len(w) != 2 or min(w) < 0 or abs(sum(w) - 1) > 1e-6:
-            from ..api.errors import FusionError
+        ps, ss = pivot.span(i), source.span(i)
+        r, st, fi = carried(pivot.offsets[ps], source.offsets[ss])
+        rows[ps] = np.where(r >= 0, r + ss.start, -1)
+        status[ps], finer[ps] = st, fi
+        if not pairs:
+            continue
+        p_ids, s_ids = pivot.input_ids[ps], source.input_ids[ss]
+        a = [pivot_tokens[t] if t < len(pivot_tokens) else "" for t in p_ids]
+        b = [source_tokens[t] if t < len(source_tokens) else "" for t in s_ids]
+        path = align_tokens(a, b, pivot.offsets[ps], source.offsets[ss])
+        every.update((int(s_ids[j]), int(p_ids[t])) for t, j in path)
+        single.update((int(s_ids[j]), int(p_ids[t])) for t, j in one_to_one(path).items())
+    used = source.topk_ids[rows[rows >= 0]]
+    out = {"rows": rows.astype(np.int32), "status": status, "finer": finer.astype(np.uint8),
+           "needed": np.unique(used).astype(np.int32)}
+    for name, counts in (("pairs", every), ("one_to_one", single)):
+        keys = np.array(list(counts.keys()), dtype=np.int64).reshape(-1, 2)
+        out[name] = np.concatenate([keys, np.array(list(counts.values()), dtype=np.int64)[:, None]], axis=1)
+    return out
 
+
+def counter(table: np.ndarray) -> Counter:
+    return Counter({(int(s), int(p)): int(n) for s, p, n in table})
+
+
+def vocabulary(alignment: Alignment, context: VocabContext, needed: np.ndarray, size: int):
+    """The vocabulary map for the source ids ``needed``, as dense arrays over [0, size)."""
+    vmap = VocabMap(alignment, context)
+    vmap.build(needed)
+    return vmap.arrays(size)
+
+
+def apply_map(pivot: Representations, source: Representations, rows: np.ndarray, status: np.ndarray,
+              table: np.ndarray, how: np.ndarray, fallback: str = "gold", finer: np.ndarray | None = None,
+              carry: str = "coarser") -> Aligned:
+    """Pass 2 over a chunk: the carried source top-k mapped onto the pivot vocabulary (each
+    pivot token once, at its highest logit), and the fallback where nothing is carried.
+
+    ``carry``: ``coarser`` leaves out the positions where the source's next token is only a
+    piece of the pivot's (``finer``): there the source names a prefix of what the pivot writes,
+    and the same-string map would teach the pivot a token it never writes there. ``all``
+    carries them too, as FuseChat's code does."""
+    k, ks = pivot.topk_ids.shape[1], source.topk_ids.shape[1]
+    T = len(pivot.input_ids)
+    width = max(k, ks)
+    ids = np.full((T, width), -1, dtype=np.int64)
+    logits = np.zeros((T, width), dtype=np.float32)
+    status = np.array(status, dtype=np.uint8)
+    rows = np.array(rows, dtype=np.int64)
+    if carry == "coarser" and finer is not None:
+        drop = np.asarray(finer, dtype=bool) & (rows >= 0)
+        rows[drop], status[drop] = -1, FALLBACK
+    counted = target_mask(pivot)
+    sel = np.flatnonzero(rows >= 0)
+    src = source.topk_ids[rows[sel]].astype(np.int64)
+    inside = (src >= 0) & (src < len(table))
+    mapped = np.where(inside, table[np.clip(src, 0, len(table) - 1)], -1).astype(np.int64)
+    kinds = np.where(inside, how[np.clip(src, 0, len(how) - 1)], FALLBACK)
+    earlier = np.tril(np.ones((ks, ks), dtype=bool), -1)
+    dup = ((mapped[:, :, None] == mapped[:, None, :]) & earlier[None]).any(axis=2)
+    valid = (mapped >= 0) & ~dup
+    order = np.argsort(~valid, axis=1, kind="stable")
+    ids[sel, :ks] = np.where(np.take_along_axis(valid, order, 1), np.take_along_axis(mapped, order, 1), -1)
+    logits[sel, :ks] = np.where(np.take_along_axis(valid, order, 1),
+                                np.take_along_axis(source.topk_logits[rows[sel]].astype(np.float32), order, 1), 0.0)
+    status[sel[~valid.any(axis=1)]] = FALLBACK
+    entries = np.bincount(kinds[counted[sel]].ravel(), minlength=3)
+    back = np.flatnonzero(status == FALLBACK)
+    ids[back], logits[back] = -1, 0.0
+    if fallback == "gold":
+        nxt = np.append(pivot.input_ids[1:], pivot.input_ids[-1:]) if T else pivot.input_ids
+        ids[back, 0] = nxt[back]
+    else:
+        ids[back, :k], logits[back, :k] = pivot.topk_ids[back], pivot.topk_logits[back]
+    where = np.bincount(status[counted], minlength=3)
+    coverage = {"positions": {n: int(where[i]) for i, n in enumerate(STATUS_NAMES)},
+                "topk_tokens": {"exact": int(entries[EXACT]), "mapped": int(entries[MAPPED]),
+                                "dropped": int(entries[FALLBACK])}}
+    return Aligned(ids, logits, status, coverage)
+
+
+def align(pivot: Representations, source: Representations, pivot_tokens: Sequence[str],
+          source_tokens: Sequence[str], alignment: Alignment, fallback: str = "gold",
+          counterparts: dict[int, int] | None = None, carry: str = "coarser") -> Aligned:
+    """Both passes over data held in memory (one chunk, or a hand-made case)."""
+    first = positions(pivot, source, pivot_tokens, source_tokens, pairs=alignment.uses_pairs)
+    context = VocabContext(pivot_tokens, source_tokens, pivot_index(pivot_tokens), counter(first["pairs"]),
+                           counter(first["one_to_one"]), dict(counterparts or {}))
+    table, how = vocabulary(alignment, context, first["needed"], len(source_tokens))
+    aligned = apply_map(pivot, source, first["rows"], first["status"], table, how, fallback, first["finer"], carry)
+    aligned.coverage["vocabulary_pairs"] = len(first["pairs"])
+    return aligned
+
+
+def sequence_weights(pivot_ce: np.ndarray, source_ce: np.ndarray, function: FusionFunction) -> np.ndarray:
+    """[N, 2]: the fusion function's weights of the pivot's own and the source distribution."""
+    from ..api.errors import FusionError
+
+    out = np.zeros((len(pivot_ce), 2), dtype=np.float64)
+    for i, ce in enumerate(zip(pivot_ce.tolist(), source_ce.tolist())):
+        w = [1.0, 0.0] if not all(np.isfinite(ce)) else list(function.weights(list(ce)))
+        if len(w) != 2 or min(w) < 0 or abs(sum(w) - 1) > 1e-6:
             raise FusionError(f"fusion function {function.name!r} returned weights {w} for two candidates; "
                               f"it must return two non-negative weights that sum to 1")
-        weights[i] = w
-        sl = pivot.span(i)
-        both_ids = np.concatenate([pivot.topk_ids[sl].astype(np.int64), aligned.ids[sl]], axis=1)
-        both = np.concatenate([w[0] * p_probs[sl], w[1] * s_probs[sl]], axis=1)
-        both = np.where(both_ids >= 0, both, 0.0)
-        for r in range(both.shape[0]):
-            row = {}
-            for t_id, pr in zip(both_ids[r], both[r]):
-                if t_id >= 0 and pr > 0:
-                    row[int(t_id)] = row.get(int(t_id), 0.0) + float(pr)
-            for c, (t_id, pr) in enumerate(sorted(row.items(), key=lambda kv: -kv[1])):
-                ids[sl.start + r, c], probs[sl.start + r, c] = t_id, pr
+        out[i] = w
+    return out
+
+
+def fuse(pivot: Representations, aligned: Aligned, source_ce: np.ndarray | None = None,
+         function: FusionFunction | None = None, weights: np.ndarray | None = None) -> FusedTargets:
+    """Σ wᵢ pᵢ per position, with one pair of weights per sequence (given, or from ``function``)."""
+    if weights is None:
+        weights = sequence_weights(pivot.ce, source_ce, function)
+    w = np.repeat(weights, pivot.lengths.astype(np.int64), axis=0)  # [T, 2]
+    p_ids = pivot.topk_ids.astype(np.int64)
+    s_ids = aligned.ids
+    P = w[:, :1] * softmax_rows(pivot.topk_logits, np.ones_like(p_ids, dtype=bool))
+    S = w[:, 1:] * softmax_rows(aligned.logits, s_ids >= 0)
+    match = (s_ids[:, :, None] == p_ids[:, None, :]) & (s_ids[:, :, None] >= 0)  # [T, ks, k]
+    P = P + (match * S[:, :, None]).sum(axis=1)
+    S = np.where(match.any(axis=2), 0.0, S)
+    both_ids = np.concatenate([p_ids, s_ids], axis=1)
+    both = np.concatenate([P, S], axis=1)
+    keep = (both_ids >= 0) & (both > 0)
+    both = np.where(keep, both, 0.0)
+    order = np.argsort(-both, axis=1, kind="stable")
+    m = max(1, int(keep.sum(axis=1).max())) if len(both) else 1
+    ids = np.take_along_axis(np.where(keep, both_ids, -1), order, 1)[:, :m]
+    probs = np.take_along_axis(both, order, 1)[:, :m].astype(np.float32)
     return FusedTargets(ids, probs, weights.astype(np.float32))
 
 

@@ -1,8 +1,9 @@
 """The stages of ``fusion fuse``: represent → fuse → train → merge → evaluate → report.
 
-Every stage's product is keyed by everything it depends on and written atomically, so a re-run
-of an interrupted (or finished) run reuses what is already there and redoes only the rest.
-Under torchrun, process 0 scores the data, fuses, merges and reports; every process trains.
+Every stage's product is keyed by everything it depends on and written atomically (the heavy
+stages chunk by chunk), so a re-run of an interrupted (or finished) run reuses what is already
+there and redoes only the rest. Under torchrun, every process scores, aligns and trains its share
+(:mod:`fusion.fuse.stages`); process 0 merges, evaluates and reports.
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ class Model:
     name: str  # file-system name: targets/<pivot>-<source>, cache/represent-<name>
     tokenizer: Any = None
     key: str = ""  # of its representations
+    reading: Any = None  # how it reads the data (fusion.fuse.reading.Reading)
+    store: Any = None  # its representation chunks (fusion.fuse.shards.Store)
+    fused_key: str = ""
+    target_key: str = ""
 
     @property
     def label(self) -> str:
@@ -77,6 +82,10 @@ class Run:
     say: Callable[[str], None]
     progress: bool = True
     report: dict[str, Any] = field(default_factory=dict)
+    local_rank: int = 0
+    local_size: int = 1
+    workers: int | None = None  # alignment processes outside torchrun (None: one per CPU)
+    gpu_memory: list[int] | None = None  # bytes of each GPU of this machine
 
     @property
     def main_process(self) -> bool:
@@ -87,8 +96,8 @@ class Run:
         return self.output / "cache"
 
     @property
-    def score_dtype(self) -> str:
-        # float32 on CPU (bf16 matmuls are slow there); the training dtype on GPUs, for memory
+    def eval_dtype(self) -> str:
+        # float32 on CPU (half-precision matmuls are slow there); the training dtype on GPUs, for memory
         return self.config.training.dtype if self.device.startswith("cuda") else "float32"
 
     def bar(self, total: int | None, desc: str, unit: str):
@@ -106,48 +115,54 @@ class Run:
 
 def run_fuse(config_path: str | Path, output: Path, *, until: str | None = None, force: bool = False,
              offline: bool = False, cache_dir: str | None = None, echo: Callable[[str], None] = print,
-             progress: bool = True) -> dict[str, Any] | None:
-    """Run (or resume) pairwise fusion; returns the report on process 0, None on the others."""
-    from . import train
+             progress: bool = True, workers: int | None = None) -> dict[str, Any] | None:
+    """Run (or resume) pairwise fusion; returns the report on process 0, None on the others.
+
+    ``workers`` > 1 aligns on that many spawned processes (outside torchrun), which import the
+    calling script's main module: a script that calls this needs ``if __name__ == "__main__":``.
+    """
+    from . import stages
     from .models import transformers
+    from .parallel import init_distributed
 
     transformers()  # fail early, with the install hint, when the extra is missing
     if until is not None and until not in STAGES:
         raise FusionError(f"--until {until!r} is unknown; use one of {', '.join(STAGES)}")
     started = time.perf_counter()
     config = load_fuse_config(config_path)
-    train.init_distributed()
+    init_distributed()
     run = _open(config, Path(output), force, ResolveOptions(base_dir=config.base_dir, offline=offline,
                                                             cache_dir=cache_dir), echo)
-    run.progress = progress
-    _represent(run)
+    run.progress, run.workers = progress, workers
+    stages.represent(run)
     if until != "represent":
-        _fuse(run)
+        stages.fuse(run)
     if until not in ("represent", "fuse"):
-        _train(run)
+        stages.train(run)
     if not run.main_process:
         return None
-    merged = None
+    merged, merge_key = None, ""
     if until is None or until == "merge":
-        merged = _merge(run)
+        merged, merge_key = _merge(run)
     if until not in ("represent", "fuse"):
-        _evaluate(run, merged)
+        _evaluate(run, merged, merge_key)
     return _finish(run, started)
 
 
 def _open(config: FuseConfig, output: Path, force: bool, options: ResolveOptions, echo) -> Run:
     """Resolve the models (process 0 first, so a download happens once), load tokenizers and data."""
     from ..writer import check_output
-    from . import models, train
+    from . import models
     from .data import load_examples, split
+    from .parallel import barrier, local, world
 
-    rank, size = train.world()
+    rank, size = world()
     if rank:
-        train.barrier()
+        barrier()
     refs = [("pivot", config.pivot)] + [(f"sources[{i}].model", r) for i, r in enumerate(config.sources)]
     resolved = [resolve(ref, options, where) for where, ref in refs]
     if not rank:
-        train.barrier()
+        barrier()
     entries = [Model(r, name) for r, name in zip(resolved, unique_names([r for _, r in refs]))]
     check_output(output, [(f"{m.label} ({m.reference})", m.folder) for m in entries])
     if not rank:
@@ -156,7 +171,7 @@ def _open(config: FuseConfig, output: Path, force: bool, options: ResolveOptions
                 shutil.rmtree(output / sub, ignore_errors=True)
         (output / "cache").mkdir(parents=True, exist_ok=True)
         (output / "targets").mkdir(exist_ok=True)
-    train.barrier()
+    barrier()
     for m in entries:
         m.tokenizer = models.load_tokenizer(m.folder, m.label)
     pivot, sources = entries[0], entries[1:]
@@ -168,11 +183,13 @@ def _open(config: FuseConfig, output: Path, force: bool, options: ResolveOptions
     quiet = lambda _m: None  # noqa: E731  (only process 0 talks)
     run = Run(config, output, pivot, sources, train_set, heldout, models.device(), rank, size,
               quiet if rank else echo)
+    run.local_rank, run.local_size = local()
+    run.gpu_memory = models.gpu_memory()
     run.report = {
         "pivot": {"reference": pivot.reference, "path": str(pivot.folder), "name": pivot.name},
         "sources": [{"reference": s.reference, "path": str(s.folder), "name": s.name} for s in sources],
         "data": {"file": str(config.data), "train": len(train_set), "heldout": len(heldout)},
-        "alignment_method": config.alignment, "fallback": config.fallback,
+        "alignment_method": config.alignment, "fallback": config.fallback, "carry": config.carry,
         "fusion_function": config.fusion_function, "training_config": asdict(config.training),
         "merge": {"method": config.merge_method, "parameters": config.merge_parameters},
         "processes": size, "device": run.device, "stages": {}, "notes": [], "output": str(output),
@@ -184,210 +201,107 @@ def _open(config: FuseConfig, output: Path, force: bool, options: ResolveOptions
     return run
 
 
-def _represent(run: Run) -> None:
-    """Stage 1: every model's top-k logits and sequence cross-entropies over the data."""
-    from . import models, train
-    from .represent import Representations, cache_key, compute
-
-    t0 = time.perf_counter()
-    cfg = run.config.representations
-    reused = 0
-    for m in [run.pivot] + run.sources:
-        m.key = cache_key(models.fingerprint(m.folder), run.train_set, cfg.top_k, cfg.max_length)
-        path = run.cache / f"represent-{m.name}.safetensors"
-        if not run.main_process:
-            continue
-        if Representations.load(path, m.key) is not None:
-            reused += 1
-            continue
-        run.say(f"representations: {m.label} {m.reference} ({len(run.train_set)} sequences)")
-        model = models.load_model(m.folder, m.label, run.score_dtype, run.device)
-        with run.bar(len(run.train_set), f"scoring {m.name}", "seq") as bar:
-            reps = compute(model, m.tokenizer, run.train_set, top_k=cfg.top_k, max_length=cfg.max_length,
-                           batch_size=cfg.batch_size, device=run.device, progress=bar.update)
-        reps.save(path, m.key)
-        del model, reps
-        gc.collect()
-    total = 1 + len(run.sources)
-    run.stage("represent", t0, computed=total - reused, reused=reused,
-              note=f"{total - reused} computed, {reused} reused")
-    train.barrier()
+def _record(run: Run, name: str, key: str) -> dict | None:
+    """A small stage's cached result (cache/<name>.json) if it was made from the inputs ``key``."""
+    try:
+        found = json.loads((run.cache / f"{name}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return found if found.get("key") == key else None
 
 
-def _load_reps(run: Run, m: Model):
-    from .represent import Representations
+def _keep(run: Run, name: str, record: dict) -> None:
+    import os
 
-    reps = Representations.load(run.cache / f"represent-{m.name}.safetensors", m.key)
-    if reps is None:
-        raise FusionError(f"the cached representations of {m.label} in {run.cache} disappeared during the run; "
-                          f"run the command again")
-    return reps
-
-
-def _fused_key(run: Run, s: Model) -> str:
-    from .distributions import targets_key
-
-    c = run.config
-    return targets_key("fused", run.pivot.key, s.key, c.alignment, c.fallback, c.fusion_function)
+    path = run.cache / f"{name}.json"
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
-def _fuse(run: Run) -> None:
-    """Stage 2: align each source's distributions to the pivot and fuse them per sequence."""
-    from ..host import alignments, fusion_functions
-    from . import train
-    from .tokens import surface_strings
-    from .distributions import FusedTargets, align, fuse
-
-    t0 = time.perf_counter()
-    c = run.config
-    reused = 0
-    run.report["alignment"], run.report["fusion"] = {}, {}
-    pivot_reps = pivot_tokens = None
-    for s in run.sources:
-        if not run.main_process:
-            continue
-        key = _fused_key(run, s)
-        path, info_path = run.cache / f"fused-{s.name}.safetensors", run.cache / f"fused-{s.name}.json"
-        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-        if info.get("key") == key and FusedTargets.load(path, key) is not None:
-            reused += 1
-        else:
-            run.say(f"alignment and fusion: {s.label} {s.reference}")
-            if pivot_reps is None:
-                pivot_reps, pivot_tokens = _load_reps(run, run.pivot), surface_strings(run.pivot.tokenizer)
-            source_reps = _load_reps(run, s)
-            aligned = align(pivot_reps, source_reps, pivot_tokens, surface_strings(s.tokenizer),
-                            alignments()[c.alignment], c.fallback)
-            fused = fuse(pivot_reps, aligned, source_reps.ce, fusion_functions()[c.fusion_function])
-            w = fused.weights
-            info = {"key": key, "coverage": aligned.coverage, "fusion": {
-                "pivot_chosen": int((w[:, 0] >= w[:, 1]).sum()), "source_chosen": int((w[:, 1] > w[:, 0]).sum()),
-                "source_weight_mean": float(w[:, 1].mean()) if len(w) else 0.0}}
-            fused.save(path, key)
-            info_path.write_text(json.dumps(info, indent=2))
-        run.report["alignment"][s.name] = info["coverage"]
-        run.report["fusion"][s.name] = info["fusion"]
-    total = len(run.sources)
-    run.stage("fuse", t0, note=f"{total - reused} computed, {reused} reused")
-    train.barrier()
-
-
-def _target(run: Run, s: Model) -> Path:
-    return run.output / "targets" / f"{run.pivot.name}-{s.name}"
-
-
-def _train(run: Run) -> None:
-    """Stage 3: distil each source's fused targets into a copy of the pivot (on every process)."""
-    import torch
-
-    from ..writer import atomic_folder, copy_support_files
-    from . import models, train
-    from .distributions import FusedTargets, targets_key
-    from .report import target_card
-
-    t0 = time.perf_counter()
-    c, tcfg = run.config, run.config.training
-    pad = run.pivot.tokenizer.pad_token_id if run.pivot.tokenizer.pad_token_id is not None else 0
-    run.report["training"] = {}
-    reused = 0
-    pivot_reps = None
-    for i, s in enumerate(run.sources):
-        target = _target(run, s)
-        fused_key = _fused_key(run, s)
-        key = targets_key("target", fused_key, asdict(tcfg), run.size)
-        record = target / "fuse.json"
-        done = json.loads(record.read_text()) if record.is_file() else {}
-        if done.get("key") == key:
-            reused += 1
-            run.report["training"][s.name] = {"curve": done["curve"], "reused": True}
-            continue
-        run.say(f"training: {run.pivot.name} on {s.name} ({tcfg.epochs} epoch(s), {run.size} process(es))")
-        if pivot_reps is None:
-            pivot_reps = _load_reps(run, run.pivot)
-        fused = FusedTargets.load(run.cache / f"fused-{s.name}.safetensors", fused_key)
-        if fused is None:
-            raise FusionError(f"the fused targets of {s.label} are missing from {run.cache}; run the command again")
-        model = models.load_model(run.pivot.folder, "pivot", "float32", run.device)
-        with run.bar(None, f"training on {s.name}", "step") as bar:
-            def step(entry: dict) -> None:
-                bar.update(1)
-                bar.set_postfix_str(f"loss {entry['loss']:.4f}", refresh=False)
-
-            curve = train.distil(model, pivot_reps, fused, tcfg, run.device, pad_id=pad, on_step=step)
-        if run.main_process:
-            model.to(getattr(torch, tcfg.dtype))
-            with atomic_folder(target, force=True) as tmp:
-                model.save_pretrained(tmp)
-                copy_support_files(run.pivot.folder, tmp, exclude=("config.json", "generation_config.json"))
-                (tmp / "README.md").write_text(target_card(run.pivot.reference, s.reference, c.text, asdict(tcfg),
-                                                           c.alignment, c.fusion_function))
-                (tmp / "fuse.json").write_text(json.dumps({"key": key, "curve": curve}, indent=2) + "\n")
-        run.report["training"][s.name] = {"curve": curve, "reused": False}
-        del model, fused
-        gc.collect()
-        train.barrier()
-    total = len(run.sources)
-    run.stage("train", t0, note=f"{total - reused} trained, {reused} reused")
-    run.report["outputs"] += [str(_target(run, s).relative_to(run.output)) for s in run.sources]
-
-
-def _merge(run: Run) -> Path | None:
-    """Stage 4: merge the targets with the configured strategy, the pivot as base."""
+def _merge(run: Run) -> tuple[Path | None, str]:
+    """Stage 4: merge the targets with the configured strategy, the pivot as base (reused when
+    the targets and the merge settings are unchanged)."""
     from ..host import get_strategy
     from ..pipeline import merge
+    from .distributions import targets_key
+    from .models import fingerprint
     from .report import merged_note
+    from .stages import target_folder
 
     t0 = time.perf_counter()
     c = run.config
     strategy = get_strategy(c.merge_method)
-    targets = [_target(run, s) for s in run.sources]
+    targets = [target_folder(run, s) for s in run.sources]
+    key = targets_key("merge", fingerprint(run.pivot.folder), [s.target_key for s in run.sources], c.merge_method,
+                      c.merge_parameters)
     if len(targets) < 2 and strategy.base != "unused":
         run.report["notes"].append("one source, so there is nothing to merge: the target is the result")
         run.stage("merge", t0, note="skipped")
-        return None
+        return None, key
+    merged = run.output / "merged"
+    done = _record(run, "merge", key)
+    if done is not None and (merged / "config.json").is_file():
+        run.report["outputs"].append("merged")
+        run.report["merge"]["tensors"] = done["tensors"]
+        run.stage("merge", t0, note="reused")
+        return merged, key
     doc: dict[str, Any] = {"merge_method": c.merge_method}
     if strategy.base != "unused":
         doc["base_model"] = str(run.pivot.folder.resolve())
     doc["models"] = [{"model": str(t.resolve())} for t in targets]
     if c.merge_parameters:
         doc["parameters"] = c.merge_parameters
-    merged = run.output / "merged"
     summary = merge(doc, merged, force=True, offline=True, base_dir=run.output)
     card = merged / "README.md"
     if card.is_file():
         card.write_text(card.read_text() + merged_note([str(t.relative_to(run.output)) for t in targets]))
+    tensors = {"merged": summary.merged, "carried": summary.carried}
+    _keep(run, "merge", {"key": key, "tensors": tensors})
     run.report["outputs"].append("merged")
-    run.report["merge"]["tensors"] = {"merged": summary.merged, "carried": summary.carried}
-    run.stage("merge", t0)
-    return merged
+    run.report["merge"]["tensors"] = tensors
+    run.stage("merge", t0, note="computed")
+    return merged, key
 
 
-def _evaluate(run: Run, merged: Path | None) -> None:
-    """Held-out loss of the pivot, every target and the merged model."""
+def _evaluate(run: Run, merged: Path | None, merge_key: str) -> None:
+    """Held-out loss of the pivot, every target and the merged model (reused when they and the
+    held-out data are unchanged)."""
     from . import models
-    from .train import heldout_loss
+    from .distributions import targets_key
+    from .evaluate import heldout_loss
+    from .stages import target_folder
 
     if not run.heldout:
         run.report["notes"].append("no held-out data, so no held-out loss (set eval_data)")
         return
     t0 = time.perf_counter()
     cfg = run.config.representations
+    key = targets_key("evaluate", models.fingerprint(run.pivot.folder), [s.target_key for s in run.sources],
+                      merge_key if merged is not None else None, [[e.text, e.spans] for e in run.heldout],
+                      cfg.max_length, run.eval_dtype)
+    done = _record(run, "evaluate", key)
+    if done is not None:
+        run.report["heldout_loss"] = done["heldout_loss"]
+        run.stage("evaluate", t0, note="reused")
+        return
 
     def loss(folder: Path, label: str) -> float | None:
-        model = models.load_model(folder, label, run.score_dtype, run.device)
-        value = heldout_loss(model, run.pivot.tokenizer, run.heldout, cfg.max_length, cfg.batch_size, run.device)
+        model = models.load_model(folder, label, run.eval_dtype, run.device)
+        value = heldout_loss(model, run.pivot.tokenizer, run.heldout, cfg.max_length, cfg.batch_size)
         del model
         gc.collect()
         return value
 
     held: dict[str, Any] = {"pivot": loss(run.pivot.folder, "pivot"), "targets": {}}
     for s in run.sources:
-        target = _target(run, s)
+        target = target_folder(run, s)
         held["targets"][target.name] = loss(target, target.name)
     if merged is not None:
         held["merged"] = loss(merged, "merged")
+    _keep(run, "evaluate", {"key": key, "heldout_loss": held})
     run.report["heldout_loss"] = held
-    run.stage("evaluate", t0)
+    run.stage("evaluate", t0, note="computed")
 
 
 def _finish(run: Run, started: float) -> dict[str, Any]:

@@ -1,49 +1,27 @@
 """Distillation of one source into a copy of the pivot: L = λ·CE(gold) + (1−λ)·CE(fused target)
-over response targets; AdamW with linear warm-up and cosine decay. Under ``torchrun`` every
-process trains on its share of each batch with DistributedDataParallel (gloo on CPU, NCCL on GPU).
+over response targets; AdamW with linear warm-up and cosine decay, gradient clipping at 1.0.
+
+Under ``torchrun`` every process trains on its share of each batch, either with
+DistributedDataParallel (every process holds the whole model: small models) or with FSDP2
+(``fully_shard``: parameters, gradients and optimizer state sharded over the processes, each
+transformer block gathered only while it runs; bf16 compute with float32 master weights when
+``training.dtype`` is bfloat16). Gradient checkpointing, packed rows and the chunked loss keep
+activations small. The target is gathered back into one full checkpoint on process 0.
 """
 
 from __future__ import annotations
 
-import datetime
 import math
-import os
+from contextlib import nullcontext
 from typing import Callable
 
 import numpy as np
 
 from .config import Training
-from .distributions import FusedTargets
-from .represent import Representations
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size) of this process; (0, 1) outside torchrun."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def init_distributed() -> bool:
-    """Join the process group torchrun set up; True when there is more than one process."""
-    import torch
-    import torch.distributed as dist
-
-    rank, size = world()
-    if size <= 1:
-        return False
-    if not dist.is_initialized():
-        cuda = torch.cuda.is_available()
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        # the other processes wait at a barrier while process 0 scores the whole data set
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=24))
-    return True
-
-
-def barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+from .loss import Distiller, layer_classes
+from .packing import batches, collate, pack
+from .parallel import barrier, distributed, init_distributed, world  # noqa: F401  (re-exported)
+from .shards import Sequences
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -55,78 +33,106 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 
 
 def _batches(order: np.ndarray, rank: int, size: int, batch: int) -> list[np.ndarray]:
-    """This process's micro-batches: every process gets the same number (the order wraps)."""
-    per_step = batch * size
-    steps = max(1, math.ceil(len(order) / per_step))
-    padded = np.resize(order, steps * per_step)
-    return [padded[s * per_step:(s + 1) * per_step][rank::size] for s in range(steps)]
+    """This process's micro-batches of sequences (every process gets the same number)."""
+    return [np.array(b, dtype=np.int64) for b in batches([int(i) for i in order], rank, size, batch)]
 
 
-def loss_terms(model, ids, mask, response, target_ids, target_probs):
-    """Mean gold CE and mean CE against the fused target over the batch's response targets."""
+def plan_epochs(usable: np.ndarray, lengths: np.ndarray, cfg: Training, row_tokens: int | None,
+                rank: int, size: int) -> list[list[list[list[int]]]]:
+    """Per epoch, this process's micro-batches, each a list of rows of sequence indices."""
+    epochs = []
+    for epoch in range(cfg.epochs):
+        order = np.random.default_rng(cfg.seed + epoch).permutation(usable)
+        micro = _batches(order, rank, size, cfg.batch_size)
+        epochs.append([pack(m.tolist(), lengths, row_tokens) if row_tokens else [[int(i)] for i in m] for m in micro])
+    return epochs
+
+
+def choose_strategy(cfg: Training, size: int, parameters: int, device: str) -> str:
+    """``auto``: FSDP where a whole copy per GPU (DDP, about 16 bytes per parameter with AdamW)
+    would not fit the GPU, else DDP (and nothing to wrap with one process)."""
+    if size <= 1:
+        return "single"
+    if cfg.strategy != "auto":
+        return cfg.strategy
+    if device.startswith("cuda"):
+        import torch
+
+        total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+        return "fsdp" if 16 * parameters > 0.7 * total else "ddp"
+    return "ddp"
+
+
+def wrap(lm, strategy: str, cfg: Training, device: str):
+    """The Distiller around ``lm``, wrapped for ``strategy`` (single, ddp or fsdp)."""
     import torch
 
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-    logp = torch.log_softmax(logits, dim=-1)
-    where = (response[:, 1:] & mask[:, 1:].bool()).float()
-    n = where.sum().clamp(min=1.0)
-    gold = -logp.gather(-1, ids[:, 1:, None])[..., 0]
-    tid = target_ids[:, :-1]
-    tp = torch.where(tid >= 0, target_probs[:, :-1], torch.zeros_like(target_probs[:, :-1]))
-    fused = -(tp * logp.gather(-1, tid.clamp(min=0))).sum(-1)
-    return (gold * where).sum() / n, (fused * where).sum() / n
+    if cfg.gradient_checkpointing:
+        if hasattr(lm, "activation_checkpointing_enable"):  # transformers 5's name
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm.config.use_cache = False
+    net = Distiller(lm)
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(net, device_ids=[device] if device.startswith("cuda") else None)
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        policy = MixedPrecisionPolicy() if cfg.dtype == "float32" else \
+            MixedPrecisionPolicy(param_dtype=getattr(torch, cfg.dtype), reduce_dtype=torch.float32)
+        blocks = layer_classes(lm)
+        for module in lm.modules():
+            if isinstance(module, blocks):
+                fully_shard(module, mp_policy=policy)
+        fully_shard(net, mp_policy=policy)
+    return net
 
 
-def distil(model, reps: Representations, targets: FusedTargets, cfg: Training, device: str,
-           pad_id: int = 0, on_step: Callable[[dict], None] | None = None) -> list[dict]:
-    """Train ``model`` in place; returns the loss curve (one entry per optimizer step)."""
+def distil(lm, pivot: Sequences, fused: Sequences, usable: np.ndarray, lengths: np.ndarray, cfg: Training,
+           device: str, *, strategy: str = "single", row_tokens: int | None = None, pad_id: int = 0,
+           on_step: Callable[[dict], None] | None = None) -> tuple[list[dict], object]:
+    """Train ``lm`` (float32 weights) on the sequences ``usable``; returns the loss curve (one
+    entry per optimizer step) and the trained module (wrapped; see :func:`full_state_dict`)."""
     import torch
     import torch.distributed as dist
 
     rank, size = world()
-    distributed = size > 1 and dist.is_initialized()
     torch.manual_seed(cfg.seed)
-    usable = np.array([i for i in range(len(reps)) if reps.response[reps.span(i)][1:].any()], dtype=np.int64)
-    if len(usable) == 0:
-        return []
-    net = model
-    if distributed:
-        from torch.nn.parallel import DistributedDataParallel
-
-        net = DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
-    micro_per_epoch = max(1, math.ceil(len(usable) / (cfg.batch_size * size)))
-    steps_per_epoch = math.ceil(micro_per_epoch / cfg.gradient_accumulation_steps)
-    total = steps_per_epoch * cfg.epochs
+    epochs = plan_epochs(usable, lengths, cfg, row_tokens, rank, size)
+    net = wrap(lm, strategy, cfg, device)
+    total = sum(math.ceil(len(micro) / cfg.gradient_accumulation_steps) for micro in epochs)
     warmup = math.ceil(cfg.warmup_ratio * total)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup))
-    autocast = cfg.dtype != "float32"
+    autocast = cfg.dtype != "float32" and strategy != "fsdp"  # FSDP casts through its policy
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     curve: list[dict] = []
     step = 0
     net.train()
-    for epoch in range(cfg.epochs):
-        order = np.random.default_rng(cfg.seed + epoch).permutation(usable)
-        micro = _batches(order, rank, size, cfg.batch_size)
+    for epoch, micro in enumerate(epochs):
         sums = np.zeros(3)
         for m, rows in enumerate(micro):
-            ids, mask, response, tid, tprob = _collate(reps, targets, rows, pad_id, device)
-            with torch.autocast(device_type, dtype=getattr(torch, cfg.dtype), enabled=autocast):
-                lm, kd = loss_terms(net, ids, mask, response, tid, tprob)
-            loss = cfg.lm_loss_weight * lm + (1 - cfg.lm_loss_weight) * kd
-            (loss / cfg.gradient_accumulation_steps).backward()
-            sums += [float(loss.detach()), float(lm.detach()), float(kd.detach())]
-            last = m == len(micro) - 1
-            if (m + 1) % cfg.gradient_accumulation_steps and not last:
+            last = (m + 1) % cfg.gradient_accumulation_steps == 0 or m == len(micro) - 1
+            ids, pos, where, gold, tid, tprob = collate(rows, pivot, fused, pad_id, device)
+            with _sync(net, strategy, last):
+                with torch.autocast(device_type, dtype=getattr(torch, cfg.dtype), enabled=autocast):
+                    lm_loss, kd = net(ids, pos, where, gold, tid, tprob)
+                loss = cfg.lm_loss_weight * lm_loss + (1 - cfg.lm_loss_weight) * kd
+                (loss / cfg.gradient_accumulation_steps).backward()
+            sums += [float(loss.detach()), float(lm_loss.detach()), float(kd.detach())]
+            if not last:
                 continue
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             count = (m % cfg.gradient_accumulation_steps) + 1
             values = torch.tensor(sums / count, dtype=torch.float64)
-            if distributed:  # the curve is the mean over processes (NCCL reduces on the GPU)
+            if size > 1 and distributed():  # the curve is the mean over processes
                 values = values.to(device)
                 dist.all_reduce(values)
                 values = values.cpu() / size
@@ -137,56 +143,42 @@ def distil(model, reps: Representations, targets: FusedTargets, cfg: Training, d
             if on_step is not None:
                 on_step(entry)
             sums[:] = 0
-    model.eval()
-    return curve
+    net.eval()
+    return curve, net
 
 
-def _collate(reps: Representations, targets: FusedTargets, rows: np.ndarray, pad_id: int, device: str):
+def _sync(net, strategy: str, last: bool):
+    """Gradients are reduced across processes only on the micro-step that ends an accumulation."""
+    if last:
+        return nullcontext()
+    if strategy == "ddp":
+        return net.no_sync()
+    if strategy == "fsdp":
+        net.set_requires_gradient_sync(False)
+
+        class _Restore:
+            def __enter__(self):
+                return None
+
+            def __exit__(self, *exc):
+                net.set_requires_gradient_sync(True)
+
+        return _Restore()
+    return nullcontext()
+
+
+def full_state_dict(lm, dtype: str) -> dict | None:
+    """The trained weights as plain CPU tensors in ``dtype``, gathered one tensor at a time from
+    the processes' shards (every process must call this); None on processes other than 0."""
     import torch
 
-    spans = [reps.span(int(i)) for i in rows]
-    width = max(s.stop - s.start for s in spans)
-    m = targets.ids.shape[1]
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    response = torch.zeros((len(rows), width), dtype=torch.bool)
-    tid = torch.full((len(rows), width, m), -1, dtype=torch.long)
-    tprob = torch.zeros((len(rows), width, m), dtype=torch.float32)
-    for r, s in enumerate(spans):
-        n = s.stop - s.start
-        ids[r, :n] = torch.from_numpy(reps.input_ids[s])
-        mask[r, :n] = 1
-        response[r, :n] = torch.from_numpy(reps.response[s])
-        tid[r, :n] = torch.from_numpy(targets.ids[s].astype(np.int64))
-        tprob[r, :n] = torch.from_numpy(targets.probs[s])
-    return ids.to(device), mask.to(device), response.to(device), tid.to(device), tprob.to(device)
-
-
-def heldout_loss(model, tokenizer, examples, max_length: int, batch_size: int, device: str) -> float | None:
-    """Token-mean cross-entropy on the response tokens of ``examples`` (None without any)."""
-    import torch
-
-    from .data import encode
-
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    encoded = [encode(tokenizer, e, max_length) for e in examples]
-    total, count = 0.0, 0
-    model.eval()
-    with torch.no_grad():
-        for b in range(0, len(encoded), batch_size):
-            batch = encoded[b:b + batch_size]
-            width = max(len(i) for i, _ in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            response = torch.zeros((len(batch), width), dtype=torch.bool)
-            for r, (seq, resp) in enumerate(batch):
-                ids[r, :len(seq)] = torch.from_numpy(seq)
-                mask[r, :len(seq)] = 1
-                response[r, :len(seq)] = torch.from_numpy(resp)
-            ids, mask, response = ids.to(device), mask.to(device), response.to(device)
-            logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
-            where = response[:, 1:] & mask[:, 1:].bool()
-            nll = -logp.gather(-1, ids[:, 1:, None])[..., 0]
-            total += float(nll[where].sum())
-            count += int(where.sum())
-    return total / count if count else None
+    rank, _ = world()
+    out = {} if rank == 0 else None
+    target = getattr(torch, dtype)
+    for name, value in lm.state_dict().items():
+        full = value.full_tensor() if hasattr(value, "full_tensor") else value
+        if out is not None:
+            out[name] = full.detach().to("cpu", target if full.is_floating_point() else full.dtype).clone()
+        del full
+    barrier()
+    return out
