@@ -18,7 +18,8 @@ args = [] if sys.platform == "win32" else ["-O3", "-ffp-contract=off", "-fno-tra
                                           "-std=c99", "-D_GNU_SOURCE", "-pthread", "-fvisibility=hidden"]
 # One extension from several sources, split by concern (fusion/csrc/compose.h lists what they compute).
 sources = [f"fusion/csrc/{name}.c" for name in ("module", "threads", "convert", "select", "sparsify",
-                                                  "ranks", "sums", "sparse_merge", "variance_merge")]
+                                                  "ranks", "sums", "sparse_merge", "variance_merge", "vectors",
+                                                  "blend", "changes", "outliers", "bindings")]
 mapped = {"fusion.plugins": "plugins", "fusion.registry": "registry"}
 packages = find_packages(include=["fusion", "fusion.*"], exclude=["fusion.csrc"])
 for name, folder in mapped.items():

@@ -45,6 +45,13 @@ BUILTINS = (
     "fusion.plugins.della",
     "fusion.plugins.sce",
     "fusion.plugins.varm",
+    "fusion.plugins.slerp",
+    "fusion.plugins.sphere_means",
+    "fusion.plugins.model_stock",
+    "fusion.plugins.nearswap",
+    "fusion.plugins.arcee_fusion",
+    "fusion.plugins.ram",
+    "fusion.plugins.passthrough",
     "fusion.plugins.alignments",
     "fusion.plugins.fusion_functions",
 )

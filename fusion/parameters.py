@@ -45,7 +45,7 @@ def check_parameters(config: MergeConfig, strategy: Strategy, problems: Problems
             continue
         # the base model's entry needs no per-model value: it is not one of the merged models
         lacking = [e.path for e in config.models if param.name not in e.parameters
-                   and not (strategy.base == "required" and e.reference == config.base_model)] \
+                   and not (strategy.base != "unused" and e.reference == config.base_model)] \
             if param.per_model else [""]
         if lacking:
             where = f" (in {', '.join(lacking)} or under the top-level `parameters`)" if param.per_model else ""

@@ -139,7 +139,7 @@ def _check(config: MergeConfig) -> Strategy:
 def _check_model_count(config: MergeConfig, strategy: Strategy, count: int) -> None:
     lo, hi = strategy.min_models, strategy.max_models
     if count < lo or (hi is not None and count > hi):
-        besides = " besides the base model" if strategy.base == "required" else ""
+        besides = " besides the base model" if strategy.base != "unused" and config.base_model else ""
         raise config.error("models", f"{strategy.name} merges {strategy.models_text()} model(s){besides}, "
                                      f"but the config gives {count}; change `models`")
 
@@ -158,7 +158,7 @@ def build_plan(config: MergeConfig, options: ResolveOptions | None = None, *,
     models, entries = [], []
     for entry in config.models:
         m = opened.open(entry.reference, entry.path)
-        if base is not None and strategy.base == "required" and m is base:
+        if base is not None and strategy.base != "unused" and m is base:
             notices.append(f"{entry.path} is the base model; it is left out of the merge (its task vector is zero)")
             continue
         models.append(m)
@@ -167,6 +167,12 @@ def build_plan(config: MergeConfig, options: ResolveOptions | None = None, *,
         raise config.error("models", "there is nothing to merge: every model is the base model; "
                                      "list the fine-tuned models under `models`")
     _check_model_count(config, strategy, len(models))
+    if base is not None and strategy.base == "unused":
+        notices.append(f"{strategy.name} merges base_model only where it is listed under `models`; as "
+                       f"base_model it only sets the layout model (the output's config and tokenizer)"
+                       if base in models else
+                       f"{strategy.name} does not merge base_model: it only sets the layout model (the "
+                       f"output's config and tokenizer); to merge it too, list it under `models`")
     layout = opened.open(config.layout_from, "layout_from") if config.layout_from else base or models[0]
     seed = random_seed if random_seed is not None else config.random_seed
     if strategy.random and seed is None:

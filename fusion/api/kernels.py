@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence, Union
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 try:
@@ -46,6 +47,7 @@ else:
 
 __all__ = ["Buffer", "Keep", "available", "buffer", "default_threads", "empty", "from_bytes", "status",
            "supports", "weighted_sum", "sparsified_merge", "trimmed_sign_merge", "variance_selected_merge",
+           "gram", "combination", "distance_blend", "changed_mean", "change_counts", "kl_outlier_merge",
            "topk_mask", "convert"]
 
 #: dtype name → code understood by the C kernels
@@ -344,6 +346,138 @@ def variance_selected_merge(out: Tensorish, base: Tensorish, tensors: Sequence[T
     return _c.variance_merge(o, code, n, inputs, float(fraction), bool(mask_deltas), float(scale),
                              _threads(threads), bool(release),
                              None if mask is None else [_mask(mask, n)])
+
+
+def _vector_layout(n: int, shape: Sequence[int] | None, vectors: str) -> tuple[int, int, bool, int]:
+    """(rows, cols, columns, count) of the tensor as a matrix whose vectors are its rows or columns
+    (one vector: a single row, whatever the layout)."""
+    from .vectors import matrix_shape, vector_count
+
+    shape = (n,) if shape is None else tuple(shape)
+    rows, cols = matrix_shape(shape, vectors)
+    if rows * cols != n:
+        raise ValueError(f"shape {list(shape)} does not have {n} elements")
+    count = vector_count(shape, vectors)
+    if count == 1:
+        return 1, n, False, 1
+    return rows, cols, vectors == "columns", count
+
+
+def gram(tensors: Sequence[Tensorish], base: Tensorish | None = None, *,
+         shape: Sequence[int] | None = None, vectors: str = "tensor", threads: int | None = None,
+         release: bool = False) -> "np.ndarray":
+    """The float64 Gram matrix of the inputs per vector, G[v, i, j] = xᵢ·xⱼ over vector v, with
+    xᵢ = θᵢ, or θᵢ − θ₀ (rounded to float32) given a ``base``: the C twin of
+    :func:`fusion.api.vectors.gram` (its docstring gives the layouts; ``shape`` is the tensor's,
+    needed for ``rows`` and ``columns``). Products are exact in float64; the sums are taken in an
+    order fixed by the data (a row's or a column's by one thread, the whole tensor in fixed chunks
+    added in order), so the result does not depend on ``threads``, and differs from torch's sums
+    by a few float64 ulps at most.
+
+    Inputs: Buffers or contiguous CPU tensors of n bfloat16, float16 or float32 numbers, any mix.
+    ``release``: the inputs are read-only file maps whose pages may be dropped once read (see the
+    top of this module). Returns an array of shape (vectors, m, m).
+    """
+    import numpy as np
+
+    _need()
+    n = buffer(tensors[0]).numel
+    rows, cols, columns, count = _vector_layout(n, shape, vectors)
+    inputs = _inputs(base, tensors, n)
+    out = np.zeros((count, len(tensors), len(tensors)), dtype=np.float64)
+    _c.gram(inputs, base is not None, rows, cols, columns, out.ctypes.data, _threads(threads),
+            bool(release))
+    return out
+
+
+def combination(out: Tensorish, tensors: Sequence[Tensorish], coefficients: Any,
+                base: Tensorish | None = None, *, shape: Sequence[int] | None = None,
+                vectors: str = "tensor", threads: int | None = None, release: bool = False) -> int:
+    """out = Σᵢ cᵢ·xᵢ per vector, + θ₀ given a ``base`` (xᵢ = θᵢ − θ₀ then): the C twin of
+    :func:`fusion.api.vectors.combination`, with the same arithmetic (coefficients rounded to
+    float32; each product and each sum rounded, models in order, the base added last).
+    ``coefficients`` has shape (vectors, m) (or (m,) for one vector).
+
+    Inputs and ``out``: Buffers or contiguous CPU tensors of n bfloat16, float16 or float32
+    numbers, any mix. ``threads``: how many threads share the work; the result does not depend
+    on it. ``release``: as for :func:`gram`. Returns the number of non-finite values written.
+    """
+    import numpy as np
+
+    _need()
+    o, code, n = _out(out)
+    rows, cols, columns, count = _vector_layout(n, shape, vectors)
+    inputs = _inputs(base, tensors, n)
+    coef = np.asarray(coefficients, dtype=np.float64).reshape(count, len(tensors)).astype(np.float32)
+    by_input = np.ascontiguousarray(coef.T)  # [input][vector]
+    return _c.combination(o, code, inputs, base is not None, rows, cols, columns, by_input.ctypes.data,
+                          _threads(threads), bool(release))
+
+
+def distance_blend(out: Tensorish, base: Tensorish, other: Tensorish, t: float, *,
+                   threads: int | None = None, release: bool = False) -> int:
+    """Per element, w = clamp(t / max(|θ₀ − θ₁|, 1e-6), 0, 1) and out = w·θ₁ + (1 − w)·θ₀: the other
+    value where the two are within t, else a step of t toward it. Float32, the quotient as
+    (1/max(…))·t, NaN passing every clamp (as the torch expression of nearswap evaluates it).
+
+    Inputs and ``out``: Buffers or contiguous CPU tensors of n bfloat16, float16 or float32
+    numbers, any mix; ``threads`` and ``release`` as everywhere here. Returns the number of
+    non-finite values written.
+    """
+    _need()
+    o, code, n = _out(out)
+    return _c.distance_blend(o, code, n, _inputs(base, [other], n), float(t), _threads(threads), bool(release))
+
+
+def changed_mean(out: Tensorish, base: Tensorish, tensors: Sequence[Tensorish], epsilon: float, *,
+                 scales: Sequence[float] | None = None, threads: int | None = None,
+                 release: bool = False) -> int:
+    """The mean of the models' changes over the models that make them: model i changes an entry
+    where |δᵢ| > ε (νᵢ, ε rounded to float32), c = Σ νᵢ, and
+
+        out = θ₀ + Σᵢ tᵢ,   tᵢ = νᵢδᵢ / max(c, 1)   (or νᵢδᵢ·scales[i] where c = 1, given scales)
+
+    in float32, νᵢδᵢ as δᵢ times 1 or 0, the terms added in model order, then θ₀.
+
+    Inputs and ``out``: Buffers or contiguous CPU tensors of n bfloat16, float16 or float32
+    numbers, any mix; ``threads`` and ``release`` as everywhere here. Returns the number of
+    non-finite values written.
+    """
+    _need()
+    o, code, n = _out(out)
+    return _c.changed_mean(o, code, n, _inputs(base, tensors, n), float(epsilon),
+                           None if scales is None else [float(x) for x in scales], _threads(threads),
+                           bool(release))
+
+
+def change_counts(base: Tensorish, tensors: Sequence[Tensorish], epsilon: float, *,
+                  threads: int | None = None, release: bool = False) -> tuple[list[int], list[int]]:
+    """For each model, how many of its changed entries (|δᵢ| > ε) other models change too, and
+    how many it alone changes: ``(shared, unique)``, two lists of counts."""
+    _need()
+    n = buffer(base).numel
+    return _c.change_counts(n, _inputs(base, tensors, n), float(epsilon), _threads(threads), bool(release))
+
+
+def kl_outlier_merge(out: Tensorish, base: Tensorish, other: Tensorish, *, shape: Sequence[int] | None = None,
+                     threads: int | None = None, release: bool = False) -> int:
+    """Keep the changes of outlying importance: per row (along the last axis of ``shape``; a
+    tensor of fewer than two dimensions is one row)
+
+        KL = Σ p·log(p/q),  p = softmax(θ₁'s row) + 1e-8,  q = softmax(θ₀'s row) + 1e-8
+
+    in float64, rounded to float32; importance I = |θ₁ − θ₀|·KL (float32); Q₁, Q₂, Q₃ the
+    importances of rank ⌊q·(n−1)⌋ (ascending; q = ¼, ½, ¾) found exactly by radix select; and
+    out = θ₀ + (θ₁ − θ₀)·[I ≥ Q₂ + 1.5·(Q₃ − Q₁)]. Only the row divergences are kept in memory.
+
+    Inputs and ``out``: Buffers or contiguous CPU tensors of n bfloat16, float16 or float32
+    numbers, any mix; ``threads`` and ``release`` as everywhere here. Returns the number of
+    non-finite values written.
+    """
+    _need()
+    o, code, n = _out(out)
+    rows, cols, _, _ = _vector_layout(n, shape, "rows")
+    return _c.outlier_merge(o, code, _inputs(base, [other], n), rows, cols, _threads(threads), bool(release))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -67,6 +67,78 @@ typedef struct {
 
 int64_t variance_merge_run(variance_job *v);
 
+/* Tensors as vectors (fusion.api.vectors): the tensor is a row-major rows × cols matrix whose
+ * vectors are its rows (the whole tensor: one row of n) or, with `columns`, its columns; xᵢ is
+ * input i, or input i − base with a base. */
+typedef struct {
+    job_t job;                      /* the base in[0] when has_base, then the nv inputs */
+    int has_base, nv, columns;
+    int64_t rows, cols;
+    double *out;                    /* [vectors][nv][nv]: xᵢ·xⱼ over each vector, in float64 */
+    /* the passes' own state */
+    int64_t vectors, unit_len, unit_lo[MAX_THREADS + 1];
+    double *sums;
+    size_t sums_bytes;
+} gram_job;
+
+/* Fill out (0, or -1 when out of memory); the sums' order does not depend on `threads`. */
+int gram_run(gram_job *s, int threads);
+
+/* out = Σᵢ cᵢ·xᵢ per vector, + base with a base, in float32: each product and each sum rounded,
+ * the models in order, then the base added. */
+typedef struct {
+    job_t job;                      /* the base in[0] when has_base, then the inputs */
+    int has_base, columns;
+    int64_t rows, cols, vectors;
+    const float *coef;              /* [input][vector] */
+} combination_job;
+
+int64_t combination_run(combination_job *s);
+
+/* The distance blend (nearswap): per element w = clamp(t / max(|θ₀ − θ₁|, 1e-6), 0, 1) and
+ * out = w·θ₁ + (1 − w)·θ₀. */
+typedef struct {
+    job_t job;                      /* θ₀ in[0], θ₁ in[1] */
+    float t;
+} blend_job;
+
+int64_t distance_blend_run(blend_job *s);
+
+/* Changed entries (RAM): νᵢ = |θᵢ − θ₀| > eps, c = Σ νᵢ per entry;
+ *   out = θ₀ + Σᵢ νᵢδᵢ / max(c, 1), or with `scaled`, νᵢδᵢ·scale[i] where c = 1;
+ * and per model the number of its changed entries that others change too (shared) or not. */
+typedef struct {
+    job_t job;                      /* base in[0], models in[1..] */
+    float eps;
+    int scaled;
+    float scale[MAX_INPUTS];        /* per model, for its entries no other model changes */
+    /* the counting pass's own state */
+    int64_t shared[MAX_THREADS][MAX_INPUTS], unique[MAX_THREADS][MAX_INPUTS];
+} changes_job;
+
+int64_t changed_mean_run(changes_job *s);
+void change_counts_run(changes_job *s, int64_t *shared, int64_t *unique);
+
+/* The outlier-change merge (arcee_fusion), the tensor a rows × cols matrix:
+ *   KL(row) = Σ p·log(p/q), p = softmax(θ₁'s row) + 1e-8, q = softmax(θ₀'s row) + 1e-8 (float64,
+ *   rounded to float32); I = |θ₁ − θ₀|·KL(row); Q₁, Q₂, Q₃ the importances of rank ⌊q·(n−1)⌋;
+ *   out = θ₀ + (θ₁ − θ₀)·[I ≥ Q₂ + 1.5·(Q₃ − Q₁)]. */
+typedef struct {
+    job_t job;                      /* θ₀ in[0], θ₁ in[1] */
+    int64_t rows, cols;
+    /* the passes' own state */
+    job_t rows_job;                 /* the divergence pass: whole rows per thread */
+    int64_t row_lo[MAX_THREADS + 1];
+    float *kl, threshold;
+    size_t kl_bytes, scratch_bytes;
+    double *scratch[MAX_THREADS];
+    uint32_t *hist, bucket[3];      /* the quartile search's count tables and buckets */
+    size_t hist_bytes;
+    int pass, nbuckets;
+} outlier_job;
+
+int64_t outlier_merge_run(outlier_job *s, int threads);
+
 /* dst = src converted to dst's dtype, as the kernels store every result. */
 void convert_run(const void *src, int src_dt, void *dst, int dst_dt, int64_t n, int threads);
 

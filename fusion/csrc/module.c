@@ -1,13 +1,11 @@
-/* fusion.api._kernels: the Python bindings of the compositions (compose.h), and nothing else.
+/* fusion.api._kernels: the Python bindings of the compositions (compose.h), and nothing else;
+ * those of the per-vector, blend, changed-entry and outlier compositions are in bindings.c.
  *
  * Buffers arrive as integer addresses with dtype codes; fusion/api/kernels.py checks their sizes
  * and keeps their owners alive. Each binding fills a composition's job, runs it with the GIL
  * released and turns its result into Python values.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-
-#include "compose.h"
+#include "bindings.h"
 
 static int parse_dtype(PyObject *o, int *dt) {
     long v = PyLong_AsLong(o);
@@ -27,8 +25,8 @@ static int check_dtype(int dt) {
 }
 
 /* out: an address; inputs: a sequence of (address, dtype code) pairs, at least min_inputs */
-static int parse_job(job_t *job, PyObject *out, int out_dt, long long n, PyObject *inputs, int min_inputs,
-                     int threads, int release) {
+int parse_job(job_t *job, PyObject *out, int out_dt, long long n, PyObject *inputs, int min_inputs,
+              int threads, int release) {
     PyObject *seq;
     Py_ssize_t i, count;
     job->out = PyLong_AsVoidPtr(out);
@@ -61,7 +59,7 @@ static int parse_job(job_t *job, PyObject *out, int out_dt, long long n, PyObjec
     return 1;
 }
 
-static int parse_floats(PyObject *o, float *dst, int count, const char *what) {
+int parse_floats(PyObject *o, float *dst, int count, const char *what) {
     PyObject *seq = PySequence_Fast(o, "expected a sequence of numbers");
     Py_ssize_t i;
     if (!seq) return 0;
@@ -147,13 +145,13 @@ static int parse_sparsifier(sparsifier *sp, PyObject *params, int nmodels) {
 }
 
 /* A composition's job: large (per-thread tables), so zeroed pages from mmap. */
-static void *new_job(size_t size) {
+void *new_job(size_t size) {
     void *p = zalloc(size);
     if (!p) PyErr_NoMemory();
     return p;
 }
 
-static PyObject *result(int64_t bad) {
+PyObject *result(int64_t bad) {
     if (bad < 0) return PyErr_NoMemory();
     return PyLong_FromLongLong(bad);
 }
@@ -344,6 +342,12 @@ static PyMethodDef methods[] = {
     {"weighted_sum", py_weighted_sum, METH_VARARGS, "Weighted sum of inputs, with or without a base."},
     {"sparse_merge", py_sparse_merge, METH_VARARGS, "Sparsify task vectors, then elect signs or sum them."},
     {"variance_merge", py_variance_merge, METH_VARARGS, "Select by variance, weight by energy, erase signs."},
+    {"gram", py_gram, METH_VARARGS, "Float64 Gram matrix of the inputs, per vector."},
+    {"combination", py_combination, METH_VARARGS, "Float32 linear combination of the inputs, per vector."},
+    {"distance_blend", py_distance_blend, METH_VARARGS, "Blend toward another input by t over the distance."},
+    {"changed_mean", py_changed_mean, METH_VARARGS, "Mean of the changes over the models that make them."},
+    {"change_counts", py_change_counts, METH_VARARGS, "Each model's shared and unique changed entries."},
+    {"outlier_merge", py_outlier_merge, METH_VARARGS, "Keep the changes of outlying KL importance."},
     {"topk_mask", py_topk_mask, METH_VARARGS, "Exact top-k mask of a key buffer."},
     {"convert", py_convert, METH_VARARGS, "Convert between bf16, fp16 and fp32 buffers."},
     {NULL, NULL, 0, NULL},
