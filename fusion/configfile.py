@@ -7,6 +7,7 @@ config are taken from the config file's folder (:attr:`Document.base_dir`).
 
 from __future__ import annotations
 
+import difflib
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -102,14 +103,20 @@ def parse_yaml(text: str, source: str) -> tuple[Any, dict[str, int]]:
 
 
 class Problems:
-    """Collects the problems of one config; :meth:`done` raises them all at once."""
+    """Collects the problems of one config; :meth:`done` raises them all at once. Notes (things
+    accepted but worth saying, such as a setting that has no effect) are kept in :attr:`notes`."""
 
     def __init__(self, lines: Mapping[str, int]):
         self.lines = lines
         self.errors: list[ConfigError] = []
+        self.notes: list[str] = []
 
     def add(self, path: str, message: str) -> None:
         self.errors.append(ConfigError(path, message, self.lines.get(path)))
+
+    def note(self, path: str, message: str) -> None:
+        line = self.lines.get(path)
+        self.notes.append(f"{path}" + (f" (line {line})" if line else "") + f": {message}")
 
     @contextmanager
     def collect(self) -> Iterator[None]:
@@ -137,11 +144,17 @@ class Problems:
         return value
 
     def known_keys(self, data: Mapping, allowed: Sequence[str], prefix: str = "",
-                   what: str = "allowed keys") -> None:
+                   what: str = "allowed keys", hints: Mapping[str, str] | None = None) -> None:
+        """A problem for each key of ``data`` not in ``allowed``: the hint given for it, else the
+        allowed key it is a likely typo of, else the allowed keys."""
         for key in data:
             if key not in allowed:
                 path = f"{prefix}.{key}" if prefix else str(key)
-                self.add(path, f"unknown key; {what}: {', '.join(allowed)}")
+                hint = (hints or {}).get(str(key))
+                close = difflib.get_close_matches(str(key), [str(a) for a in allowed], n=1, cutoff=0.75)
+                if hint is None and close:
+                    hint = f"did you mean `{close[0]}`?"
+                self.add(path, f"unknown key; {hint or f'{what}: ' + ', '.join(allowed)}")
 
 
 def model_reference(value: Any, path: str, lines: Mapping[str, int]) -> str:

@@ -25,7 +25,8 @@ from .api.resolver import ResolveOptions
 from .config import MergeConfig, load_config
 from .planner import Plan, build_plan
 from .stream import Summary, execute, select_kernel
-from .writer import atomic_folder, check_output, copy_support_files, parse_size, write_config
+from .vocabulary import write_tokenizer
+from .writer import atomic_folder, check_output, parse_size, write_config
 
 #: What the API takes as a config: a YAML file, data shaped like one, or a parsed config.
 ConfigLike = Union[str, Path, Mapping[str, Any], MergeConfig]
@@ -88,9 +89,9 @@ def write(plan: Plan, output: str | Path, *, force: bool = False, kernel: str = 
     select_kernel(plan, kernel)  # fail before creating anything
     with atomic_folder(output, force) as tmp:
         summary = execute(plan, tmp, shard_size=shard_size, kernel=kernel, threads=threads, progress=progress)
-        out_dtype = DTYPES[plan.config.out_dtype].name if plan.config.out_dtype else None
-        write_config(tmp, plan.layout.checkpoint.config, out_dtype)
-        copy_support_files(plan.layout.folder, tmp)
+        out_dtype = DTYPES[plan.config.output_dtype].name if plan.config.output_dtype else None
+        write_config(tmp, plan.output_config, out_dtype)
+        write_tokenizer(plan, tmp)
         (tmp / "fusion.json").write_text(json.dumps(provenance(plan), indent=2) + "\n")
         if card:
             (tmp / "README.md").write_text(model_card(plan, plan.resolve_options.resolved))

@@ -134,8 +134,10 @@ def _merge_one(tp: TensorPlan, fn: Callable, elementwise: bool, layout: Checkpoi
     full = torch.empty(tp.shape, dtype=getattr(torch, DTYPES[tp.dtype].name))
     out = full[:rows] if tp.rows is not None else full  # merged rows; the rest are carried below
     for sl in _row_chunks(tp.shape, rows, elementwise):
-        # fresh float32 copies: inputs are read-only maps and strategies may work in place
-        chunk = [v[sl].to(torch.float32, copy=True) for v in views]
+        # fresh float32 copies: inputs are read-only maps and strategies may work in place; the
+        # rows of a built vocabulary are gathered from each model's own rows and defaults
+        chunk = tp.vocab.gather(views, sl) if tp.vocab is not None else \
+            [v[sl].to(torch.float32, copy=True) for v in views]
         base, inputs = (chunk[0], chunk[1:]) if tp.base else (None, chunk)
         try:
             context = tp.context if sl is ... or sl.start == 0 else \
@@ -149,7 +151,7 @@ def _merge_one(tp: TensorPlan, fn: Callable, elementwise: bool, layout: Checkpoi
             raise MergeError(f"strategy returned {got} for tensor {tp.name}, expected shape {list(target.shape)}")
         target.copy_(result)
         del chunk, base, inputs, result
-        if elementwise and isinstance(sl, slice):
+        if elementwise and isinstance(sl, slice) and tp.vocab is None:
             # the rows just merged are not read again: keep resident memory at a few chunks
             # instead of the whole tensor in every input (an embedding is ~300 MB per model)
             for model, info in tp.merge_sources:
@@ -249,7 +251,7 @@ def execute(plan: Plan, folder: Path, *, shard_size: int, kernel: str = "auto",
                 summary.carried += 1
             else:
                 out = None
-                if kernel_name == "c":
+                if kernel_name == "c" and tp.vocab is None:  # gathered vocabulary rows take the torch path
                     out = _merge_one_c(tp, plan.strategy, plan.layout.checkpoint, threads)
                     fallback += out is None
                 if out is None:

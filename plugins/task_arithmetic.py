@@ -36,6 +36,11 @@ class TaskArithmetic(fusion.Strategy):
             threads=threads, release=release)
 
 
+    def deviations(self, params, compute_dtype):
+        from fusion.api.strategy import float32_note
+
+        return [n for n in (float32_note(self.name, compute_dtype),) if n]
+
 @fusion.hookimpl
 def register_strategies(register) -> None:
     register(TaskArithmetic())

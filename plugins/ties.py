@@ -69,6 +69,14 @@ class Ties(fusion.Strategy):
             lam=params["lambda"], normalize=params["normalize"], threads=threads, release=release)
 
 
+    def deviations(self, params, compute_dtype):
+        from fusion.api.strategy import float32_note, tie_break_note
+
+        notes = [float32_note(self.name, compute_dtype)]
+        if any(d < 1 for p in params for d in p["density"]):
+            notes.append(tie_break_note())
+        return [n for n in notes if n]
+
 @fusion.hookimpl
 def register_strategies(register: Callable[[fusion.Strategy], None]) -> None:
     register(Ties())
