@@ -69,7 +69,8 @@ class StandIn:
 
     @property
     def name(self) -> str:
-        tail = "+" + "+".join(re.sub(r"\W+", "_", t).strip("_") for t in self.extra) if self.extra else ""
+        # no "+" or "@": mergekit reads them as a LoRA or a revision in a model reference
+        tail = "-with-" + "-".join(re.sub(r"\W+", "_", t).strip("_") for t in self.extra) if self.extra else ""
         return f"{self.family}-{self.layers}/{'base' if self.index == 0 else f'ft{self.index}'}{tail}"
 
 
