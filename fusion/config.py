@@ -17,11 +17,10 @@ from typing import Any, Mapping
 from .api.architecture import PARTS
 from .api.dtypes import output_dtype
 from .api.errors import ConfigError
-from .config_checks import check_config
 from .config_slices import SliceEntry, parse_layered
 from .config_tokenizer import TokenizerEntry, parse_chat_template, parse_tokenizer
 from .configfile import Document, Problems, model_reference, parse_document, read_document
-from .host import get_strategy
+from .host import strategies
 
 TOP_LEVEL_KEYS = ("merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype",
                   "out_dtype", "tokenizer_source", "tokenizer", "chat_template", "name", "layout_from",
@@ -70,6 +69,9 @@ class MergeConfig:
     lines: dict[str, int] = field(default_factory=dict)
     #: the folder relative model paths are taken from; default: the config file's, else the cwd
     folder: Path | None = None
+    #: problems found while reading it, not raised yet (``check=False``): the planner adds the
+    #: strategy's and reports them all together
+    problems: list[ConfigError] = field(default_factory=list)
 
     @property
     def output_dtype(self) -> str | None:
@@ -98,25 +100,34 @@ class MergeConfig:
             return Path(self.folder)
         return self.source.resolve().parent if self.source else Path.cwd()
 
+    def raise_problems(self) -> "MergeConfig":
+        problems = Problems(self.lines)
+        problems.errors = list(self.problems)
+        problems.done()
+        return self
+
     @classmethod
-    def from_mapping(cls, data: Any, *, base_dir: str | Path | None = None) -> "MergeConfig":
+    def from_mapping(cls, data: Any, *, base_dir: str | Path | None = None, check: bool = True) -> "MergeConfig":
         """A config from data shaped like the YAML file (a dict, e.g. built in a notebook), with
         the same validation and messages; relative model paths are taken from ``base_dir``
-        (default: the current folder)."""
+        (default: the current folder). ``check=False`` keeps the problems found in
+        :attr:`problems` instead of raising them."""
         import yaml
 
         text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True) if isinstance(data, Mapping) else ""
         config = _from_document(Document(data, {}, None, text))
         config.folder = Path(base_dir) if base_dir is not None else None
-        return config
+        return config.raise_problems() if check else config
 
 
-def load_config(path: str | Path) -> MergeConfig:
-    return _from_document(read_document(path))
+def load_config(path: str | Path, *, check: bool = True) -> MergeConfig:
+    config = _from_document(read_document(path))
+    return config.raise_problems() if check else config
 
 
-def parse_config(text: str, source: Path | None = None) -> MergeConfig:
-    return _from_document(parse_document(text, source))
+def parse_config(text: str, source: Path | None = None, *, check: bool = True) -> MergeConfig:
+    config = _from_document(parse_document(text, source))
+    return config.raise_problems() if check else config
 
 
 def _from_document(doc: Document) -> MergeConfig:
@@ -126,17 +137,21 @@ def _from_document(doc: Document) -> MergeConfig:
                               f"see README.md for an example")
     problems = Problems(lines)
     method = data.get("merge_method")
-    strategy = None
     if not isinstance(method, str) or not method:
         problems.add("merge_method", "merge_method is required (e.g. merge_method: task_arithmetic)")
-    else:
-        with problems.collect():
-            strategy = get_strategy(method, "merge_method", lines.get("merge_method"))
+    # the strategy is checked by the planner; here it only says where a misplaced key belongs
+    known = strategies()
+    strategy = known.get(method) if isinstance(method, str) else None
+    declared = {p.name: s.name for s in known.values() for p in s.parameters}
     hints = dict(MISPLACED)
     for key in data:
-        if strategy is not None and isinstance(key, str) and strategy.param(key) is not None:
+        if strategy is not None and strategy.param(str(key)) is not None:
             hints[key] = (f"{key} is a parameter of {strategy.name}: put it under `parameters:` (mergekit "
                           f"ignores it here, so its merges used the default)")
+        elif key in declared:
+            hints[key] = (f"{key} is a parameter of {declared[key]}"
+                          + (f", not of {strategy.name}" if strategy else "") + ": remove it, or put it under "
+                          f"`parameters:` for a method that takes it (mergekit ignores it here)")
     problems.known_keys(data, TOP_LEVEL_KEYS, "", "allowed keys", hints)
 
     def reference(path: str, value: Any, required: bool = False) -> str | None:
@@ -220,9 +235,7 @@ def _from_document(doc: Document) -> MergeConfig:
         source=doc.source,
         text=doc.text,
         lines=lines,
+        problems=problems.errors,
     )
-    if strategy is not None:
-        check_config(config, strategy, problems)
     config.notices = list(problems.notes)
-    problems.done()
     return config

@@ -32,16 +32,17 @@ from .writer import atomic_folder, check_output, parse_size, write_config
 ConfigLike = Union[str, Path, Mapping[str, Any], MergeConfig]
 
 
-def load(config: ConfigLike, *, base_dir: str | Path | None = None) -> MergeConfig:
+def load(config: ConfigLike, *, base_dir: str | Path | None = None, check: bool = True) -> MergeConfig:
     """A :class:`~fusion.config.MergeConfig` from a YAML file's path, a mapping shaped like the
     file, or a MergeConfig (returned as it is). Relative model paths are taken from the file's
-    folder, else from ``base_dir`` (default: the current folder)."""
+    folder, else from ``base_dir`` (default: the current folder). Raises the config's problems,
+    all at once, unless ``check=False`` (then they wait in ``config.problems``)."""
     if isinstance(config, MergeConfig):
-        return config
+        return config.raise_problems() if check else config
     if isinstance(config, Mapping):
-        return MergeConfig.from_mapping(config, base_dir=base_dir)
+        return MergeConfig.from_mapping(config, base_dir=base_dir, check=check)
     if isinstance(config, (str, Path)):
-        return load_config(config)
+        return load_config(config, check=check)
     raise TypeError(f"a merge config is a path, a mapping or a MergeConfig, not {type(config).__name__}")
 
 
@@ -54,7 +55,8 @@ def plan(config: ConfigLike, *, offline: bool = False, cache_dir: str | None = N
     block or call :meth:`Plan.close`; ``plan.render()`` is the text ``fusion plan`` prints,
     ``plan.describe()`` its data.
     """
-    merge_config = load(config, base_dir=base_dir)
+    # the planner reports the config's own problems together with the strategy's
+    merge_config = load(config, base_dir=base_dir, check=False)
     options = ResolveOptions(base_dir=merge_config.base_dir, offline=offline, cache_dir=cache_dir,
                              weights=weights)
     return build_plan(merge_config, options, random_seed=random_seed)

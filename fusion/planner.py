@@ -149,18 +149,31 @@ def _open_all(config: MergeConfig, opened: ModelSet) -> None:
         raise ConfigErrors([e if isinstance(e, ConfigError) else ConfigError("", str(e)) for e in failed])
 
 
+def _check(config: MergeConfig) -> tuple[Strategy, list[str]]:
+    """The config's own problems and what it and the strategy must agree on (parameters, base
+    model, model counts), all reported together before any model is opened; returns the
+    strategy and the notes of the check."""
+    problems = Problems(config.lines)
+    problems.errors += config.problems
+    strategy = None
+    if config.merge_method:
+        with problems.collect():
+            strategy = get_strategy(config.merge_method, "merge_method", config.line("merge_method"))
+    if strategy is not None:
+        check_config(config, strategy, problems)
+    problems.done()
+    return strategy, problems.notes
+
+
 def build_plan(config: MergeConfig, options: ResolveOptions | None = None, *,
                random_seed: int | None = None) -> Plan:
     """Open the models ``config`` names and plan every output tensor; ``random_seed`` overrides
     the config's."""
     options = options or ResolveOptions(base_dir=config.base_dir)
-    strategy = get_strategy(config.merge_method, "merge_method", config.line("merge_method"))
-    problems = Problems(config.lines)  # a config built in code has not been checked yet
-    check_config(config, strategy, problems)
-    problems.done()
+    strategy, checked = _check(config)
     opened = ModelSet(options)
     notices = opened.notices
-    notices += [n for n in config.notices if n not in notices]
+    notices += [n for n in config.notices + checked if n not in notices]
     if (note := clash("strategy", strategy.name)) is not None:
         notices.append(note)
     _open_all(config, opened)

@@ -29,3 +29,22 @@ def test_readme_opens_with_the_two_commands():
     assert lines[:2] and lines[0].startswith("make demo") and lines[1].startswith("make test")
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in ci
+
+
+def test_readme_python_example_merges(tmp_path, monkeypatch):
+    """The README's Python example, run as written on tiny stand-ins of its three models."""
+    import re
+
+    from fusion.demo import make_family
+
+    text = (ROOT / "README.md").read_text()
+    block = text.split("### From Python", 1)[1]
+    code = re.search(r"```python\n(.*?)```", block, re.S).group(1)
+    assert "fusion.merge(" in code and "fusion.plan(" in code
+    make_family(tmp_path)  # base/, chat/, code/
+    monkeypatch.chdir(tmp_path)
+    printed: list[str] = []
+    exec(compile(code, "README.md", "exec"), {"print": lambda *a: printed.append(" ".join(map(str, a)))})
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+    assert printed[-1].startswith("wrote merged: 27 tensors merged"), printed[-1]
+    assert "method      ties" in printed[0]
