@@ -10,6 +10,7 @@ not take (published recipes give ``weight`` to ``model_stock``, ``normalize`` to
 
 from __future__ import annotations
 
+import difflib
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from .api.strategy import Strategy
@@ -63,7 +64,9 @@ def check_parameters(config: MergeConfig, strategy: Strategy, problems: Problems
                 problems.note(path, f"{strategy.name} has no parameter {key!r} (it is one of "
                                     f"{elsewhere[key]}'s); it is ignored, as mergekit ignores it")
             elif param is None:
-                problems.add(path, f"unknown parameter {key!r} for {strategy.name}; its parameters are: {names}")
+                close = difflib.get_close_matches(str(key), [p.name for p in strategy.parameters], n=1, cutoff=0.75)
+                hint = f"did you mean `{close[0]}`? " if close else ""
+                problems.add(path, f"unknown parameter {key!r} for {strategy.name}; {hint}its parameters are: {names}")
             elif per_model and not param.per_model:
                 problems.add(path, f"{key} is a global parameter of {strategy.name}; set it under the top-level "
                                    f"`parameters`")

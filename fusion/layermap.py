@@ -105,7 +105,8 @@ class LayerMap:
         runs = []
         for s in self.slices:
             runs.append({"slice": s.path or "models", "output": [s.offset, s.offset + s.length - 1],
-                         "sources": [{"model": src.model.label, "layers": [src.start, src.start + s.length - 1],
+                         "sources": [{"model": f"{src.path} ({src.model.reference})",
+                                      "layers": [src.start, src.start + s.length - 1],
                                       "base": src is s.base} for src in s.sources]})
         return runs
 

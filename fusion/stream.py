@@ -103,8 +103,9 @@ def _merge_one_c(tp: TensorPlan, strategy: Strategy, layout: Checkpoint, threads
     sources = [(model.checkpoint, info) for model, info in tp.merge_sources]
     if not kernels.supports(DTYPES[tp.dtype].name) or any(
             ckpt.format != "safetensors" or not kernels.supports(DTYPES[info.dtype].name)
-            for ckpt, info in sources) or (tp.rows is not None and layout.format != "safetensors"):
-        return None
+            for ckpt, info in sources) or (tp.rows is not None and (
+                layout.format != "safetensors" or layout.tensors[tp.name].dtype != tp.dtype)):
+        return None  # (rows carried from the layout model are copied as bytes: they need its dtype)
     rows = tp.rows if tp.rows is not None else (tp.shape[0] if tp.shape else 1)
     n = rows * math.prod(tp.shape[1:])  # the merged rows are a prefix of every input
     inputs = [ckpt.buffer(info.name, n) for ckpt, info in sources]
@@ -275,8 +276,8 @@ def execute(plan: Plan, folder: Path, *, shard_size: int, kernel: str = "auto",
         bar.close()
     if fallback:
         summary.notices.append(f"{fallback} tensor(s) the C kernels cannot read (a dtype other than "
-                               f"bf16/fp16/fp32, or a pytorch_model.bin input) were merged by the "
-                               f"torch reference")
+                               f"bf16/fp16/fp32, a pytorch_model.bin input, or vocabulary rows of the "
+                               f"layout model carried into another dtype) were merged by the torch reference")
     summary.bytes_written = total
     summary.seconds = time.perf_counter() - start
     return summary
