@@ -151,7 +151,7 @@ def _from_document(doc: Document) -> MergeConfig:
         elif key in declared:
             hints[key] = (f"{key} is a parameter of {declared[key]}"
                           + (f", not of {strategy.name}" if strategy else "") + ": remove it, or put it under "
-                          f"`parameters:` for a method that takes it (mergekit ignores it here)")
+                          "`parameters:` for a method that takes it (mergekit ignores it here)")
     problems.known_keys(data, TOP_LEVEL_KEYS, "", "allowed keys", hints)
 
     def reference(path: str, value: Any, required: bool = False) -> str | None:
@@ -189,7 +189,7 @@ def _from_document(doc: Document) -> MergeConfig:
             return None
         found = output_dtype(value)
         if found is None:
-            problems.add(key, f"unknown dtype {value!r}; use float32, float16 or bfloat16")
+            problems.add(key, f"unknown dtype {value!r}; use bfloat16, float16, float32 or float64")
             return None
         return found.code
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
+from .api.architecture import TensorRole
 from .api.errors import ConfigError
 from .config import MergeConfig
 from .configfile import Problems
@@ -99,6 +100,26 @@ class LayerMap:
             if own is not None:
                 return layout.spec.relayer(own, layer) or name
         return template.spec.relayer(name, layer) or name
+
+    def skeleton(self, layout: Model) -> Iterator[tuple[str, TensorRole, Model, str, int | None]]:
+        """The output tensors in order: (output name, role, the model and tensor whose shape and
+        dtype it takes, output layer or None). The layout model's own layers are replaced by the
+        output layers, where its first one was."""
+        stacked = False
+        for name in layout.checkpoint.tensors:
+            role = layout.roles[name]
+            if role.layer is None or self.identity:
+                yield name, role, layout, name, role.layer
+                continue
+            if stacked:
+                continue
+            stacked = True
+            for s in self.slices:
+                template = s.template
+                for i in range(s.length):
+                    for tname in self.layer_tensors(template.model, template.start + i):
+                        yield (self.output_name(layout, template.model, tname, s.offset + i),
+                               template.model.roles[tname], template.model, tname, s.offset + i)
 
     def describe(self) -> list[dict[str, Any]]:
         """Runs of output layers with the input layers they come from (``fusion plan``)."""

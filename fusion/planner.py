@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 from .api.architecture import PART_NAMES, TensorRole, part_of
 from .api.dtypes import DTYPES, nbytes
@@ -24,7 +24,7 @@ from .config import MergeConfig
 from .config_checks import check_config
 from .configfile import Problems
 from .host import clash, get_strategy
-from .layermap import POST_ROLES, LayerMap, OutputSlice, build_layer_map, input_canonical, output_config
+from .layermap import POST_ROLES, LayerMap, OutputSlice, build_layer_map, input_canonical, num_layers, output_config
 from .models import Model, ModelSet
 from .parameters import resolve_parameters
 
@@ -213,14 +213,10 @@ def build_plan(config: MergeConfig, options: ResolveOptions | None = None, *,
     _note_unused(plan)
     if not layers.identity:
         notices.append(f"the output has {layers.num_layers} layers, stacked from {len(layers.slices)} slice(s) "
-                       f"(the layout model has {_count_layers(layout)})")
+                       f"(the layout model has {num_layers(layout)})")
     plan.output_config = output_config(layout, layers, plan.vocabulary.size if plan.vocabulary else None)
     notices += [n for n in _deviations(plan) if n not in notices]
     return plan
-
-
-def _count_layers(model: Model) -> int:
-    return len({r.layer for r in model.roles.values() if r.layer is not None})
 
 
 def _check_model_count(config: MergeConfig, strategy: Strategy, count: int) -> None:
@@ -231,30 +227,8 @@ def _check_model_count(config: MergeConfig, strategy: Strategy, count: int) -> N
                                      f"but the config gives {count}; change `models`")
 
 
-def _skeleton(plan: Plan) -> Iterator[tuple[str, TensorRole, Model, str, int | None]]:
-    """The output tensors in order: (output name, role, the model and tensor whose shape and
-    dtype it takes, output layer or None)."""
-    layout, layers = plan.layout, plan.layers
-    stacked = False
-    for name in layout.checkpoint.tensors:
-        role = layout.roles[name]
-        if role.layer is None or layers.identity:
-            yield name, role, layout, name, role.layer
-            continue
-        if stacked:
-            continue
-        stacked = True  # the layout's layers are replaced by the output layers, where its first one was
-        for s in layers.slices:
-            template = s.template
-            for i in range(s.length):
-                k = s.offset + i
-                for tname in layers.layer_tensors(template.model, template.start + i):
-                    yield (layers.output_name(layout, template.model, tname, k), template.model.roles[tname],
-                           template.model, tname, k)
-
-
 def _plan_tensors(plan: Plan) -> None:
-    config, strategy, layout, notices, layers = plan.config, plan.strategy, plan.layout, plan.notices, plan.layers
+    config, layout, notices, layers = plan.config, plan.layout, plan.notices, plan.layers
     if layers.identity and layout not in plan.models and layout is not plan.base:
         notices.append(f"{layout.label} is not one of the merged models: the output takes its layout and "
                        f"unmerged parts, and the merge of the others replaces its merged tensors")
@@ -263,7 +237,7 @@ def _plan_tensors(plan: Plan) -> None:
         if part not in layout_parts:
             notices.append(f"merge_parts names {part}, but the layout model has no {PART_NAMES[part]}")
     unmatched: list[str] = []
-    for name, role, template, tname, layer in _skeleton(plan):
+    for name, role, template, tname, layer in layers.skeleton(layout):
         info = template.checkpoint.tensors[tname]
         canonical = input_canonical(template, tname, layer) if layer is not None else role.canonical
         tp = TensorPlan(name, canonical, role.role, layer, info.shape, info.dtype, "carry",

@@ -192,7 +192,7 @@ def test_without_tokenizer_keys_common_rows_merge_and_the_layout_keeps_its_own(v
         out_dtype: float32
         """)
     merged, vocab = rows(out)
-    (b, vb), (c, vc) = rows(vocab_models["B"]), rows(vocab_models["C"])
+    (b, _), (c, vc) = rows(vocab_models["B"]), rows(vocab_models["C"])
     assert vocab == vc
     e = merged["model.embed_tokens.weight"]
     n = b["model.embed_tokens.weight"].shape[0]
