@@ -295,7 +295,7 @@ def _resolve(plan: Plan, tp: TensorPlan, s: OutputSlice, i: int | None, merged: 
                                    s.position(i) if i is not None else 0.0)
     for param in strategy.parameters:
         value = tp.params[param.name]
-        if value is None or (param.per_model and None in value):
+        if param.required and (value is None or (param.per_model and None in value)):
             where = f"{s.path}: " if s.path else ""
             raise MergeError(f"{where}no value of {param.name} for tensor {tp.name}: a filter list matches none of "
                              f"its names; add an entry without `filter` (the default) or set {param.name} at "
@@ -349,10 +349,10 @@ def _deviations(plan: Plan) -> list[str]:
     merged = [t for t in plan.tensors if t.action == "merge"]
     if not merged:
         return []
-    config = plan.config
-    if config.dtype:
-        compute = DTYPES[config.dtype].name
-    else:  # mergekit computes in the inputs' dtype, promoted across them
-        stored = {info.dtype for t in merged for _, info in t.merge_sources}
-        compute = "float32" if stored - {"BF16", "F16"} or len(stored) > 1 else DTYPES[stored.pop()].name
+    if plan.config.dtype:
+        compute = DTYPES[plan.config.dtype].name
+    else:  # mergekit computes each tensor in its inputs' dtype (promoted: bf16 with f16 or f32 is f32)
+        groups = [{info.dtype for _, info in t.merge_sources} for t in merged]
+        low = [g.pop() for g in groups if len(g) == 1 and g <= {"BF16", "F16"}]
+        compute = DTYPES[max(set(low), key=low.count)].name if low else "float32"
     return list(plan.strategy.deviations([t.params for t in merged], compute))

@@ -57,20 +57,30 @@ def _vocab_size(model: Model, tokenizer: Any) -> int:
 
 
 def _without_unused(model: Model, tokenizer: Any) -> Any:
-    """The tokenizer without the added tokens whose ids are past the model's vocab_size."""
+    """The tokenizer without the added tokens whose ids are past the model's vocab_size (they
+    have no embedding row)."""
     size = _vocab_size(model, tokenizer)
-    unused = {t: i for t, i in tokenizer.get_vocab().items() if i >= size}
+    unused = {t for t, i in tokenizer.get_vocab().items() if i >= size}
     if not unused:
         return tokenizer
-    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
 
-    data = json.loads(tokenizer.backend_tokenizer.to_str())
-    if set(unused) - {t["content"] for t in data.get("added_tokens", ())}:
-        raise MergeError(f"{model.label}: its tokenizer has regular tokens with ids past its vocab_size {size}; "
-                         f"such a tokenizer cannot be the base of a tokenizer merge")
-    data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] < size]
-    tokenizer._tokenizer = Tokenizer.from_str(json.dumps(data))
-    return tokenizer
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        files = Path(tmp) / "tokenizer.json", Path(tmp) / "tokenizer_config.json"
+        data, settings = (json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {} for f in files)
+        if unused - {t["content"] for t in data.get("added_tokens", ())}:
+            raise MergeError(f"{model.label}: its tokenizer has regular tokens with ids past its vocab_size {size}; "
+                             f"such a tokenizer cannot be the base of a tokenizer merge")
+        data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] < size]
+        settings["added_tokens_decoder"] = {i: t for i, t in settings.get("added_tokens_decoder", {}).items()
+                                            if int(i) < size}
+        for key in ("additional_special_tokens", "extra_special_tokens"):
+            if isinstance(settings.get(key), list):
+                settings[key] = [t for t in settings[key] if (t if isinstance(t, str) else t.get("content")) not in unused]
+        for f, content in zip(files, (data, settings)):
+            f.write_text(json.dumps(content, ensure_ascii=False), encoding="utf-8")
+        return AutoTokenizer.from_pretrained(tmp, trust_remote_code=False, local_files_only=True)
 
 
 def _copy(tokenizer: Any) -> Any:

@@ -198,3 +198,30 @@ def test_without_tokenizer_keys_common_rows_merge_and_the_layout_keeps_its_own(v
     n = b["model.embed_tokens.weight"].shape[0]
     assert torch.equal(e[n:], c["model.embed_tokens.weight"][n:])  # C's extra rows, carried
     assert torch.allclose(e[:n], (b["model.embed_tokens.weight"] + c["model.embed_tokens.weight"][:n]) / 2, atol=1e-6)
+
+
+def test_added_tokens_past_the_models_vocab_size_are_left_out(vocab_models, tmp_path):
+    """A tokenizer may know tokens its embedding has no row for: they are not part of its
+    vocabulary, so the output's tokenizer does not have them either."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    short = tmp_path / "short"
+    shutil.copytree(vocab_models["D"], short)
+    config = json.loads((short / "config.json").read_text())
+    config["vocab_size"] -= 1  # the last added token, <|extra|>, has no row
+    (short / "config.json").write_text(json.dumps(config))
+    weights = load_file(short / "model.safetensors")
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        weights[name] = weights[name][:-1].clone()
+    save_file(weights, short / "model.safetensors", metadata={"format": "pt"})
+    out = merge(tmp_path, {"S": short, "B": vocab_models["B"]}, """\
+        merge_method: linear
+        base_model: {S}
+        models: [{{model: {S}}}, {{model: {B}}}]
+        tokenizer_source: base
+        """)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert "<|extra|>" not in tokenizer.get_vocab() and "<|tool|>" in tokenizer.get_vocab()
+    assert len(tokenizer) == config["vocab_size"] == transformers.AutoConfig.from_pretrained(out).vocab_size
