@@ -29,10 +29,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from recipe_models import Recipe, load_recipe, localized  # noqa: E402
+from recipe_models import load_recipe, localized  # noqa: E402
 
 RANDOM = {"dare_linear", "dare_ties", "della", "della_linear"}
-TOPK = {"ties", "breadcrumbs", "breadcrumbs_ties", "sce", "dare_ties", "della"}
+TOPK = {"ties", "breadcrumbs", "breadcrumbs_ties", "sce"}
 
 
 def run_fusion(config: Path, out: Path) -> str | None:
@@ -87,29 +87,49 @@ def _vocab(folder: Path) -> dict[str, int] | None:
     return Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True)
 
 
-def _boundary(method: str, base, deltas: list, densities: list, topk: float | None):
-    """Positions decided by a tie at the k-th key of the method's selection (None: no selection)."""
+def _kth_largest(key, k: int):
+    import torch
+
+    return torch.kthvalue(key, key.numel() - k + 1).values
+
+
+def _boundary(method: str, deltas: list, params: dict):
+    """Positions whose selection is decided by a tie (or, for SCE's float variances, a near tie)
+    at a cut of the method's top-k (None: the method selects nothing here)."""
+    import math
+
     import torch
 
     from fusion.api.selection import topk_count
 
-    out = torch.zeros(base.shape, dtype=torch.bool)
+    shape = deltas[0].shape
+    out = torch.zeros(shape, dtype=torch.bool).reshape(-1)
     if method == "sce":
-        if topk is None or topk >= 1:
+        tau = params.get("select_topk", 1.0)
+        if tau >= 1:
             return None
         v = torch.var(torch.stack(deltas), dim=0, unbiased=False).reshape(-1)
-        k = topk_count(topk, int(torch.count_nonzero(v)))
+        k = topk_count(tau, int(torch.count_nonzero(v)))
         if 0 < k < v.numel():
-            t = torch.kthvalue(v, v.numel() - k + 1).values
-            out |= ((v - t).abs() <= 1e-5 * t).reshape(base.shape)
-        return out
-    for d, density in zip(deltas, densities):
+            out |= (v - _kth_largest(v, k)).abs() <= 1e-5 * _kth_largest(v, k)
+        return out.reshape(shape)
+    for i, d in enumerate(deltas):
         key = d.abs().reshape(-1)
-        k = topk_count(density, key.numel())
-        if 0 < k < key.numel():
-            t = torch.kthvalue(key, key.numel() - k + 1).values
-            out |= (key == t).reshape(base.shape)
-    return out
+        n, density = key.numel(), params["density"][i]
+        if density >= 1:
+            continue
+        if method.startswith("breadcrumbs"):  # kept: sorted positions [bottom, bottom + target)
+            target, top = math.floor(density * n), math.floor(params["gamma"][i] * n)
+            bottom = max(0, n - target - top)
+            ordered = key.sort().values
+            cuts = [j for j in (bottom - 1, bottom, bottom + target - 1, bottom + target) if 0 <= j < n]
+            for j in cuts:
+                out |= key == ordered[j]
+        else:
+            k = max(1, topk_count(density, n))
+            if k < n:
+                out |= (key == _kth_largest(key, k)) | (key == _kth_largest(key, k + 1))
+    return out.reshape(shape)
 
 
 def _sce_fallback(deltas: list) -> bool:
@@ -118,8 +138,41 @@ def _sce_fallback(deltas: list) -> bool:
     return float(torch.stack(deltas).square().reshape(len(deltas), -1).mean(dim=1).sum()) < 1e-6
 
 
-def compare(recipe: Recipe, ours: Path, theirs: Path, inputs: dict[str, Path]) -> dict:
-    """Tensor-by-tensor agreement of two float32 outputs, each difference put down to a cause."""
+def _inputs(tp) -> list:
+    """The float32 tensors the strategy was given for ``tp`` (base first), rows gathered as the
+    output vocabulary asks."""
+    import torch
+
+    views = [model.checkpoint.read(info.name) for model, info in tp.merge_sources]
+    if tp.vocab is not None:
+        return tp.vocab.gather(views, slice(0, tp.shape[0]))
+    rows = tp.rows if tp.rows is not None else None
+    return [(v[:rows] if rows is not None else v).to(torch.float32) for v in views]
+
+
+def _cause(method: str, tp, far) -> str:
+    """The documented cause of the differing entries ``far`` of tensor ``tp``, or 'unexplained'."""
+    if method in RANDOM:
+        return "random"
+    if method not in TOPK or tp.base is None:
+        return "unexplained"
+    inputs = _inputs(tp)
+    deltas = [x - inputs[0] for x in inputs[1:]]
+    if method == "sce" and _sce_fallback(deltas):
+        return "sce weights"
+    edge = _boundary(method, deltas, tp.params)
+    if edge is None or tp.rows is not None and edge.shape != far.shape:
+        return "unexplained"
+    if not bool((far & ~edge).any()):
+        return "top-k ties"
+    if method == "sce" and bool((far & edge).any()):
+        return "top-k ties"  # another selection also moves SCE's model weights, so the whole tensor
+    return "unexplained"
+
+
+def compare(plan, ours: Path, theirs: Path) -> dict:
+    """Tensor-by-tensor agreement of two float32 outputs of ``plan``'s merge, each difference put
+    down to a cause."""
     import torch
 
     a_all, b_all = _tensors(ours), _tensors(theirs)
@@ -127,63 +180,34 @@ def compare(recipe: Recipe, ours: Path, theirs: Path, inputs: dict[str, Path]) -
     counts = {"same": 0, "rounding": 0}
     causes: dict[str, int] = {}
     worst = 0.0
-    method = recipe.data.get("merge_method")
-    models = [e.get("model") if isinstance(e, dict) else e for e in recipe.data.get("models") or ()]
-    base_ref = recipe.data.get("base_model")
-    loaded = {}
-
-    def model_tensor(ref: str, name: str):
-        if ref not in loaded:
-            loaded[ref] = _tensors(inputs[ref])
-        return loaded[ref].get(name)
-
+    planned = {t.name: t for t in plan.tensors}
+    method = plan.strategy.name
     for name, a in a_all.items():
         b = b_all.get(name)
         if b is None:
             causes["missing in mergekit"] = causes.get("missing in mergekit", 0) + 1
             continue
         a, b = a.float(), b.float()
-        if name.endswith(("embed_tokens.weight", "lm_head.weight")) and va and vb and va != vb:
+        if va and vb and va != vb and name.endswith(("embed_tokens.weight", "lm_head.weight")):
             if set(va) != set(vb):
                 causes["vocabularies differ"] = causes.get("vocabularies differ", 0) + 1
                 continue
-            order = sorted(va, key=va.get)
-            rows = torch.tensor([vb[t] for t in order])
-            b = torch.cat([b[rows], b[len(order):]]) if b.shape[0] >= len(order) else b
+            order = sorted(va, key=va.get)  # mergekit's rows in fusion's token order
+            b = torch.cat([b[torch.tensor([vb[t] for t in order])], b[len(order):]])
         if a.shape != b.shape:
             causes["shape differs"] = causes.get("shape differs", 0) + 1
             continue
-        diff = (a - b).abs()
         if bool((a == b).all()):
             counts["same"] += 1
             continue
         scale = max(float(a.abs().max()), float(b.abs().max()), 1e-30)
-        rel = float(diff.max()) / scale
-        if rel <= 1e-5:
+        far = (a - b).abs() > 1e-5 * scale
+        if not bool(far.any()):
             counts["rounding"] += 1
             continue
-        worst = max(worst, rel)
-        cause = "unexplained"
-        params = recipe.data.get("parameters") or {}
-        if method in RANDOM:
-            cause = "random"
-        elif method in TOPK and base_ref and models and all(isinstance(m, str) for m in models):
-            base = model_tensor(base_ref.strip(), name)
-            others = [model_tensor(m.strip(), name) for m in models if m.strip() != base_ref.strip()]
-            if base is not None and all(o is not None and o.shape == base.shape for o in others):
-                deltas = [o.float() - base.float() for o in others]
-                if method == "sce" and _sce_fallback(deltas):
-                    cause = "sce weights"
-                else:
-                    dens = [((e.get("parameters") or {}).get("density", params.get("density", 1.0))
-                             if isinstance(e, dict) else 1.0) for e in recipe.data["models"]
-                            if (e.get("model") if isinstance(e, dict) else e).strip() != base_ref.strip()]
-                    dens = [d if isinstance(d, (int, float)) else 0.5 for d in dens]
-                    edge = _boundary(method, base.float(), deltas, dens, params.get("select_topk"))
-                    if edge is not None and not bool(((diff > 1e-5 * scale) & ~edge).any()):
-                        cause = "top-k ties"
-                    elif edge is not None and method == "sce" and bool(((diff > 1e-5 * scale) & edge).any()):
-                        cause = "top-k ties"  # another selection also moves SCE's model weights
+        worst = max(worst, float((a - b).abs().max()) / scale)
+        tp = planned.get(name)
+        cause = _cause(method, tp, far) if tp is not None and tp.action == "merge" else "unexplained"
         causes[cause] = causes.get(cause, 0) + 1
     extra = len(set(b_all) - set(a_all))
     if extra:
@@ -193,8 +217,6 @@ def compare(recipe: Recipe, ours: Path, theirs: Path, inputs: dict[str, Path]) -
 
 def run(recipes_dir: Path, mergekit: str, work: Path, standins: Path, only: list[str] | None = None,
         json_path: Path | None = None) -> list[dict]:
-    from recipe_models import standins as standins_of, standin_folder
-
     rows = []
     files = sorted(recipes_dir.glob("*.yaml"))
     for path in files:
@@ -213,8 +235,10 @@ def run(recipes_dir: Path, mergekit: str, work: Path, standins: Path, only: list
             f_err = run_fusion(cfg32, work / "fusion-f32")
             m_err, _ = run_mergekit(mergekit, cfg32, work / "mergekit-f32")
             if f_err is None and m_err is None:
-                inputs = {ref: standin_folder(standins, s) for ref, s in standins_of(recipe).items()}
-                row["agreement"] = compare(recipe, work / "fusion-f32", work / "mergekit-f32", inputs)
+                import fusion
+
+                with fusion.plan(cfg32, random_seed=42) as plan:
+                    row["agreement"] = compare(plan, work / "fusion-f32", work / "mergekit-f32")
             else:
                 row["agreement_error"] = f_err or m_err
         rows.append(row)

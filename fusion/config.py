@@ -174,8 +174,7 @@ def _from_document(doc: Document) -> MergeConfig:
         if not isinstance(entry, Mapping) or "model" not in entry:
             problems.add(p, "each entry needs a `model:` (a path or Hub name) and optional `parameters:`")
             continue
-        entry_hints = {k: f"{k} is a parameter: put it under `parameters:`" for k in entry if k in declared
-                       or strategy is not None and strategy.param(str(k)) is not None}
+        entry_hints = {k: f"{k} is a parameter: put it under `parameters:`" for k in entry if k in declared}
         problems.known_keys(entry, ("model", "parameters"), p, "a model entry has", entry_hints)
         params = problems.mapping(entry.get("parameters"), f"{p}.parameters", "{weight: 0.5}")
         ref = reference(f"{p}.model", entry["model"], True)
