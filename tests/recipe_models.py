@@ -90,36 +90,49 @@ def _tokenizer(style: str, extra: tuple[str, ...]):
     return fast
 
 
-def build(standin: StandIn, folder: Path) -> None:
-    """Write one stand-in (deterministic: its weights depend only on what it stands in for)."""
+def build(standin: StandIn, folder: Path, root: Path) -> None:
+    """Write one stand-in (deterministic: its weights depend only on what it stands in for).
+    The family's base is a transformers model saved with `save_pretrained`; the others are its
+    tensors plus seeded noise, with rows for their added tokens."""
     import torch
     import transformers
+    from safetensors.torch import load_file, save_file
 
     cls_name, style, tied, extra_cfg = FAMILIES[standin.family]
     tokenizer = _tokenizer(style, standin.extra)
-    vocab = len(_tokenizer(style, ()))  # the family's own vocabulary: fine-tunes add rows after it
+    base = StandIn(standin.family, standin.layers, 0)
+    if standin != base:
+        source = standin_folder(root, base)
+        config = json.loads((source / "config.json").read_text())
+        weights = load_file(source / "model.safetensors")
+        gen = torch.Generator().manual_seed(standin.index)
+        if standin.index:
+            weights = {k: (v.float() + torch.randn(v.shape, generator=gen) * 0.01).to(v.dtype)
+                       for k, v in sorted(weights.items())}
+        rows = max(config["vocab_size"], len(tokenizer))
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            if name in weights and rows > weights[name].shape[0]:
+                new = torch.randn(rows - weights[name].shape[0], weights[name].shape[1], generator=gen) * 0.02
+                weights[name] = torch.cat([weights[name], new.to(weights[name].dtype)])
+        config["vocab_size"] = rows
+        folder.mkdir(parents=True)
+        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+        for extra in ("generation_config.json",):
+            if (source / extra).is_file():
+                (folder / extra).write_bytes((source / extra).read_bytes())
+        tokenizer.save_pretrained(folder)
+        return
+    vocab = len(tokenizer)
     if style == "chatml":
         vocab = -(-vocab // 16) * 16  # Qwen pads its embedding beyond the tokenizer
     cfg = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=standin.layers, num_attention_heads=2,
                num_key_value_heads=1, vocab_size=vocab, max_position_embeddings=64, tie_word_embeddings=tied,
                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, dtype="bfloat16")
     cfg.update(extra_cfg)
-    config = getattr(transformers, cls_name)(**cfg)
     torch.manual_seed(1000 * standin.layers + len(standin.family))
-    model = transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
-    if standin.index:
-        gen = torch.Generator().manual_seed(standin.index)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn(p.shape, generator=gen).to(p.dtype) * 0.01)
-    if standin.extra:
-        model.resize_token_embeddings(max(vocab, len(tokenizer)), mean_resizing=False)
-        gen = torch.Generator().manual_seed(7 + standin.index)
-        with torch.no_grad():
-            for weights in {id(w): w for w in (model.get_input_embeddings().weight,
-                                               model.get_output_embeddings().weight)}.values():
-                weights[vocab:] = (torch.randn(weights[vocab:].shape, generator=gen) * 0.02).to(weights.dtype)
-    model.save_pretrained(folder)
+    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls_name)(**cfg))
+    model.to(torch.bfloat16).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
 
@@ -134,7 +147,7 @@ def standin_folder(root: Path, standin: StandIn) -> Path:
     with FileLock(str(folder) + ".lock"):
         if not (folder / "config.json").is_file():
             tmp = folder.parent / f".{folder.name}.{uuid.uuid4().hex[:8]}"
-            build(standin, tmp)
+            build(standin, tmp, root)
             os.replace(tmp, folder) if not folder.exists() else shutil.rmtree(tmp)
     return folder
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 import fusion
+from fusion.pipeline import write
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -48,11 +49,11 @@ def test_recipe_runs_as_published(recipe, standins, tmp_path):
             assert any(line.startswith(path) or path in line for line in lines), (path, lines)
         assert not out.exists() and [p.name for p in tmp_path.iterdir()] == [config.name]
         return
-    with fusion.plan(config) as plan:
+    with fusion.plan(config) as plan:  # `fusion plan`, then the merge of that plan
         text = plan.render()
         stacked = not plan.layers.identity
+        summary = write(plan, out, card=False)
     assert ("output layers:" in text) == stacked
-    summary = fusion.merge(config, out, card=False)
     assert summary.merged > 0
     model, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
