@@ -16,6 +16,7 @@ from typing import Any
 from .api.architecture import PART_NAMES, TensorRole, part_of
 from .api.dtypes import DTYPES, nbytes
 from .api.errors import ConfigError, ConfigErrors, FusionError, MergeError
+from .api.modelfiles import is_tokenizer_file, support_files
 from .api.random import tensor_seed
 from .api.resolver import ResolveOptions
 from .api.strategy import Strategy, TensorContext
@@ -209,6 +210,9 @@ def build_plan(config: MergeConfig, options: ResolveOptions | None = None, *,
         from .vocabulary import build_vocabulary
 
         plan.vocabulary = build_vocabulary(plan, opened)
+    elif config.chat_template is not None and not any(is_tokenizer_file(f) for f in support_files(layout.folder)):
+        notices.append(f"chat_template: {layout.label} has no tokenizer to give the template to, so none is "
+                       f"written")
     _plan_tensors(plan)
     _note_unused(plan)
     if not layers.identity:

@@ -225,3 +225,12 @@ def test_added_tokens_past_the_models_vocab_size_are_left_out(vocab_models, tmp_
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     assert "<|extra|>" not in tokenizer.get_vocab() and "<|tool|>" in tokenizer.get_vocab()
     assert len(tokenizer) == config["vocab_size"] == transformers.AutoConfig.from_pretrained(out).vocab_size
+
+
+def test_a_chat_template_for_a_layout_without_tokenizer_is_said(tmp_path):
+    from fusion.demo import make_family
+
+    make_family(tmp_path)  # tiny Qwen2 models without tokenizer files
+    (tmp_path / "merge.yaml").write_text("merge_method: linear\nmodels: [./chat, ./code]\nchat_template: chatml\n")
+    with fusion.plan(tmp_path / "merge.yaml") as plan:
+        assert any(n.startswith("chat_template: models[0] (./chat) has no tokenizer") for n in plan.notices)
