@@ -133,8 +133,9 @@ def test_modules_default_is_the_same_as_top_level_slices(qwen, tmp_path):
 
 
 def test_gradients_restart_in_every_slice(qwen, tmp_path):
-    """Two slices of 2 layers with A's weight [1, 0] and B's [0, 1]: the output layers are A, B,
-    A, B (t runs over each slice); outside the layers t = 0, so the embedding and the head are A's."""
+    """Two slices of 2 layers and one of 1 with A's weight [1, 0] and B's [0, 1]: the output
+    layers are A, B, A, B (t runs over each slice), then B (a one-layer slice has t = 1); outside
+    the layers t = 0, so the embedding and the head are A's."""
     config = write(tmp_path, """\
         merge_method: linear
         slices:
@@ -144,22 +145,28 @@ def test_gradients_restart_in_every_slice(qwen, tmp_path):
           - sources:
               - {{model: {A}, layer_range: [4, 6], parameters: {{weight: [1, 0]}}}}
               - {{model: {B}, layer_range: [4, 6], parameters: {{weight: [0, 1]}}}}
+          - sources:  # one layer: t = 1, the gradients' last values
+              - {{model: {A}, layer_range: [7, 8], parameters: {{weight: [1, 0]}}}}
+              - {{model: {B}, layer_range: [7, 8], parameters: {{weight: [0, 1]}}}}
         out_dtype: float32
         """, A=qwen["A"], B=qwen["B"])
     fusion.merge(config, tmp_path / "out", card=False)
     out, a, b = tensors(tmp_path / "out"), tensors(qwen["A"]), tensors(qwen["B"])
     q = ".self_attn.q_proj.weight"
-    for k, (model, layer) in enumerate([(a, 0), (b, 1), (a, 4), (b, 5)]):
+    for k, (model, layer) in enumerate([(a, 0), (b, 1), (a, 4), (b, 5), (b, 7)]):
         assert torch.equal(out[f"model.layers.{k}{q}"], model[f"model.layers.{layer}{q}"]), k
     for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
         assert torch.equal(out[name], a[name]), name
 
 
-def test_a_per_model_filter_matches_the_input_layer_not_the_output_layer(qwen, tmp_path):
-    """A's layer 5 becomes output layer 1: a filter on `layers.5.` in A's parameters hits it
-    there, and a global filter on `layers.5.` would hit output layer 5 instead (none here)."""
+def test_per_model_filters_test_input_names_and_global_ones_output_names(qwen, tmp_path):
+    """A's layers 4 and 5 become output layers 0 and 1. A's own filter on `layers.5.` hits output
+    layer 1 (A's weight 0 there); the global `normalize` filter on `layers.0.` hits output layer
+    0 (a plain sum there), though no input tensor of that layer is named so."""
     config = write(tmp_path, """\
         merge_method: linear
+        parameters:
+          normalize: [{{filter: layers.0., value: false}}, {{value: true}}]
         slices:
           - sources:
               - model: {A}
@@ -172,8 +179,8 @@ def test_a_per_model_filter_matches_the_input_layer_not_the_output_layer(qwen, t
     fusion.merge(config, tmp_path / "out", kernel="torch", card=False)
     out, a, b = tensors(tmp_path / "out"), tensors(qwen["A"]), tensors(qwen["B"])
     q = ".mlp.up_proj.weight"
-    assert torch.equal(out[f"model.layers.1{q}"], b[f"model.layers.5{q}"])  # A's weight 0 there
-    assert torch.equal(out[f"model.layers.0{q}"], a[f"model.layers.4{q}"].add(b[f"model.layers.4{q}"]).div(2))
+    assert torch.equal(out[f"model.layers.1{q}"], b[f"model.layers.5{q}"])
+    assert torch.equal(out[f"model.layers.0{q}"], a[f"model.layers.4{q}"].add(b[f"model.layers.4{q}"]))
 
 
 def test_a_per_slice_base_model(qwen, tmp_path):
