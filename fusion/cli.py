@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
 
 from .version import __version__
-from .api.errors import ConfigErrors, FusionError
+from .api.errors import ConfigErrors, FusionError, os_error
 
 _debug = False
 
@@ -71,19 +73,20 @@ def merge(config, output, dry_run, force, kernel, threads, shard_size, random_se
           cache_dir):
     """Merge the models named in CONFIG into the folder OUTPUT."""
     from . import pipeline
-    from .stream import select_kernel
-    from .writer import parse_size
+    from .writer import output_folder, parse_size, refuse_existing
 
     size = parse_size(shard_size)
+    if not dry_run:  # before anything is downloaded
+        refuse_existing(output_folder(output), force)
     _hub_progress(quiet)
     # a dry run plans Hub models not in the cache from their remote headers: no weights
     with pipeline.plan(config, offline=offline, cache_dir=cache_dir, weights=not dry_run,
                        random_seed=random_seed) as plan:
         if dry_run:
-            select_kernel(plan, kernel)  # refuse what the real run would refuse
+            pipeline.preflight(plan, kernel)  # refuse what the real run would refuse
             click.echo(plan.render())
             return
-        summary = pipeline.write(plan, Path(output), force=force, shard_size=size, kernel=kernel,
+        summary = pipeline.write(plan, output, force=force, shard_size=size, kernel=kernel,
                                  threads=threads, progress=not quiet, card=not no_card)
     if not quiet:
         click.echo(summary.text())
@@ -215,22 +218,48 @@ def demo(output, quiet):
     run_demo(Path(output) if output else None, progress=not quiet, echo=click.echo)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a job scheduler, a container stopping): unwound like Ctrl-C, so the
+    temporary output is removed on the way out."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+def _interrupted(exc: BaseException) -> None:
+    terminated = isinstance(exc, Terminated)
+    click.echo(f"{'terminated' if terminated else 'interrupted'}; no output was written", err=True)
+    sys.exit(128 + (signal.SIGTERM if terminated else signal.SIGINT))
+
+
 def main(argv: list[str] | None = None) -> None:
     global _debug
     argv = list(sys.argv[1:] if argv is None else argv)
     _debug = "--debug" in argv or os.environ.get("FUSION_DEBUG") == "1"
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if on_main else None
+    try:
+        _run(argv)
+    finally:
+        if on_main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(argv: list[str]) -> None:
     try:
         cli.main(args=argv, prog_name="fusion", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(1)  # bad input, like every other input error
+    except click.ClickException as exc:  # bad input, like every other input error: one line, exit 1
+        ctx = getattr(exc, "ctx", None)
+        see = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
+        click.echo(f"error: {exc.format_message().rstrip('.')}{see}", err=True)
+        sys.exit(1)
     except click.Abort as exc:
         # without standalone mode click turns Ctrl-C into Abort
         if isinstance(exc.__context__, KeyboardInterrupt):
-            click.echo("interrupted; no output was written", err=True)
-            sys.exit(130)
+            _interrupted(exc.__context__)
         click.echo("aborted", err=True)
         sys.exit(1)
     except FusionError as exc:
@@ -239,11 +268,14 @@ def main(argv: list[str] | None = None) -> None:
         for problem in exc.errors if isinstance(exc, ConfigErrors) else [exc]:
             click.echo(f"error: {problem}", err=True)
         sys.exit(1)
-    except KeyboardInterrupt:
-        click.echo("interrupted; no output was written", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as exc:
+        _interrupted(exc)
     except Exception as exc:  # a bug: say so, keep the traceback behind --debug
         if _debug:
             raise
+        known = os_error(exc, "cannot go on")  # the machine, not fusion: disk full, permissions
+        if known is not None:
+            click.echo(f"error: {known}", err=True)
+            sys.exit(1)
         click.echo(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True)
         sys.exit(2)

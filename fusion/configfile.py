@@ -8,6 +8,7 @@ config are taken from the config file's folder (:attr:`Document.base_dir`).
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,17 +36,47 @@ class Document:
         return str(self.source) if self.source else "config"
 
 
+#: The largest config file read: a merge config is a page of YAML (this also stops `/dev/zero`).
+MAX_CONFIG_BYTES = 4 << 20
+#: The most values a config may hold, counting each use of a YAML alias: aliases are expanded
+#: wherever the config is walked, so a few lines of nested aliases ("billion laughs") could
+#: otherwise stand for billions of values.
+MAX_VALUES = 20_000
+
+
 def read_document(path: str | Path) -> Document:
     path = Path(path)
+    where = f"config file {str(path)!r}"
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
-        raise ConfigError("", f"config file {str(path)!r} does not exist; check the path") from None
-    except UnicodeDecodeError:
-        raise ConfigError("", f"config file {str(path)!r} is not UTF-8 text; save it as UTF-8") from None
+        raise ConfigError("", f"{where} does not exist; check the path") from None
+    except IsADirectoryError:
+        raise ConfigError("", f"{where} is a folder; give the YAML file") from None
     except OSError as exc:
-        raise ConfigError("", f"cannot read config file {str(path)!r}: {exc.strerror}") from None
-    return parse_document(text, source=path)
+        raise ConfigError("", f"cannot read {where}: {exc.strerror}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError("", f"{where} is larger than {MAX_CONFIG_BYTES >> 20} MB, which no merge config "
+                              f"is; check the path")
+    return parse_document(_decode(raw, where), source=path)
+
+
+def _decode(raw: bytes, where: str) -> str:
+    """UTF-8 text (a UTF-8 byte-order mark is dropped); anything else is refused by name."""
+    for bom, name in ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
+                      (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16")):
+        if raw.startswith(bom):
+            raise ConfigError("", f"{where} is {name} text; save it as UTF-8")
+    if raw and raw.count(0) * 4 >= len(raw):  # ASCII in UTF-16 or UTF-32 without a mark
+        raise ConfigError("", f"{where} looks like UTF-16 or UTF-32 text; save it as UTF-8")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError("", f"{where} is not UTF-8 text (byte {raw[exc.start]:#04x} at line {line}, "
+                              f"column {column}); save it as UTF-8") from None
 
 
 def parse_document(text: str, source: Path | None = None) -> Document:
@@ -53,19 +84,98 @@ def parse_document(text: str, source: Path | None = None) -> Document:
     return Document(data, lines, source, text)
 
 
-def _line_map(node: Any, prefix: str, out: dict[str, int]) -> None:
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+
+
+def _scan(root: Any, source: str) -> dict[str, int]:
+    """The line of every config path, walking the composed YAML (before any value is built):
+    each use of an alias is counted (at most :data:`MAX_VALUES` in all), an alias inside its own
+    anchor is refused, and so are duplicated keys and numbers too large for a float; every
+    such problem is raised at once."""
     import yaml
 
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            path = f"{prefix}.{key.value}" if prefix else str(key.value)
-            out[path] = key.start_mark.line + 1
-            _line_map(value, path, out)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            path = f"{prefix}[{i}]"
-            out[path] = item.start_mark.line + 1
-            _line_map(item, path, out)
+    lines: dict[str, int] = {}
+    problems: list[ConfigError] = []
+    count = 0
+    open_nodes: set[int] = set()  # the nodes being walked: one seen again is inside itself
+    stack: list[tuple[bool, Any, str]] = [(True, root, "")]
+    while stack:
+        enter, node, path = stack.pop()
+        if not enter:
+            open_nodes.discard(id(node))
+            continue
+        line = node.start_mark.line + 1
+        if id(node) in open_nodes:
+            raise ConfigError(path, "this YAML alias refers to the value it is part of, which never ends; "
+                                    "write the value out", lines.get(path, line))
+        count += 1
+        if count > MAX_VALUES:
+            raise ConfigError("", f"{source}: the config holds more than {MAX_VALUES} values, counting each "
+                                  f"use of a YAML alias; a merge config has far fewer: write them out")
+        if isinstance(node, yaml.ScalarNode):
+            if node.tag == _FLOAT_TAG and _overflows(node.value):
+                problems.append(ConfigError(path, f"{node.value} is too large for a number (the largest is "
+                                                  f"about 1.8e308)", lines.get(path, line)))
+            continue
+        open_nodes.add(id(node))
+        stack.append((False, node, path))
+        children: list[tuple[str, Any]] = []
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            explicit = [(k, v) for k, v in node.value if k.tag != _MERGE_TAG]
+            own = {id(k) for k, _ in explicit}
+            for key, value in explicit + _merged_pairs(node):
+                child = f"{path}.{key.value}" if path else str(key.value)
+                ident = (key.tag, key.value) if isinstance(key, yaml.ScalarNode) else id(key)
+                if ident in seen:
+                    if id(key) in own:  # a key from `<<: *anchor` yields to the mapping's own
+                        problems.append(ConfigError(child, f"duplicate key {key.value!r} (first at line "
+                                                           f"{seen[ident]}); keep one of them",
+                                                    key.start_mark.line + 1))
+                    continue
+                seen[ident] = key.start_mark.line + 1
+                lines[child] = key.start_mark.line + 1
+                children.append((child, value))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                child = f"{path}[{i}]"
+                lines[child] = item.start_mark.line + 1
+                children.append((child, item))
+        stack.extend((True, value, child) for child, value in reversed(children))
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        raise ConfigErrors(problems)
+    return lines
+
+
+def _merged_pairs(node: Any) -> list[tuple[Any, Any]]:
+    """The (key, value) pairs a mapping takes from its ``<<`` merge keys, nearest first."""
+    import yaml
+
+    out: list[tuple[Any, Any]] = []
+    seen: set[int] = set()
+    todo = [v for k, v in node.value if k.tag == _MERGE_TAG]
+    while todo:
+        source = todo.pop(0)
+        if id(source) in seen:
+            continue
+        seen.add(id(source))
+        sources = source.value if isinstance(source, yaml.SequenceNode) else [source]
+        for mapping in sources:
+            if isinstance(mapping, yaml.MappingNode):
+                out += [(k, v) for k, v in mapping.value if k.tag != _MERGE_TAG]
+                todo += [v for k, v in mapping.value if k.tag == _MERGE_TAG]
+    return out
+
+
+def _overflows(text: str) -> bool:
+    try:
+        value = float(text.replace("_", ""))
+    except ValueError:
+        return False
+    return math.isinf(value) and "inf" not in text.lower()
 
 
 def _loader_class():
@@ -82,23 +192,55 @@ def _loader_class():
     return Loader
 
 
+#: Flow collections (``[...]``, ``{...}``) deeper than this are refused before parsing: PyYAML's
+#: scanner takes time quadratic in the depth before its composer gives up.
+MAX_FLOW_DEPTH = 100
+_FLOW_TOKENS = re.compile(r"""'(?:[^']|'')*'|"(?:[^"\\]|\\.)*"|(?:^|(?<=\s))#[^\n]*|[\[\]{}]""", re.M)
+
+
+def _flow_depth(text: str) -> int:
+    """How deep flow collections nest, brackets inside quotes and comments left out."""
+    depth = deepest = 0
+    for m in _FLOW_TOKENS.finditer(text):
+        token = m.group()
+        if token in ("[", "{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif token in ("]", "}"):
+            depth -= 1
+    return deepest
+
+
 def parse_yaml(text: str, source: str) -> tuple[Any, dict[str, int]]:
     import yaml
 
-    loader = _loader_class()(text)
+    if _flow_depth(text) > MAX_FLOW_DEPTH:
+        raise ConfigError("", f"{source}: the YAML is nested too deeply to be a merge config; check the file")
+
+    loader = None
     try:
+        loader = _loader_class()(text)  # the reader refuses control characters right away
         node = loader.get_single_node()
+        lines = _scan(node, source) if node is not None else {}
         data = loader.construct_document(node) if node is not None else None
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+        code = exc.character if isinstance(exc.character, int) else ord(str(exc.character)[:1] or "?")
+        what = "a NUL byte" if code == 0 else f"the control character U+{code:04X}"
+        raise ConfigError("", f"{source}: {what} at line {line}, column {column} is not allowed in YAML; "
+                              f"a config is plain text: check the file") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError("", f"{source}: YAML syntax error{where}: {problem}; fix the YAML and retry") from None
+    except RecursionError:
+        raise ConfigError("", f"{source}: the YAML is nested too deeply to be a merge config; check the "
+                              f"file") from None
     finally:
-        loader.dispose()
-    lines: dict[str, int] = {}
-    if node is not None:
-        _line_map(node, "", lines)
+        if loader is not None:
+            loader.dispose()
     return data, lines
 
 

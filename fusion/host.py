@@ -92,6 +92,8 @@ class _Host:
     def __init__(self) -> None:
         self.pm = pluggy.PluginManager("fusion")
         self.pm.add_hookspecs(hookspecs)
+        self.hook_names = frozenset(c.name for c in self.pm.hook.__dict__.values()
+                                    if isinstance(c, pluggy.HookCaller) and c.spec is not None)
         self.infos: dict[str, PluginInfo] = {}
         # kind → name → [(plugin, object)] in load order; the last entry is the one in use
         self._registry: dict[str, dict[str, list[tuple[str, Any]]]] = {}
@@ -137,6 +139,9 @@ class _Host:
                             raise TypeError(f"{kind.hook} registered a {kind.cls.__name__} without a name")
                 except Exception as exc:
                     info.error = f"{type(exc).__name__}: {exc}"
+                    if info.origin == "local":  # asked for with --plugin: its failure is the user's to fix
+                        raise FusionError(f"--plugin {info.name}: its {kind.hook} hook raised {info.error}; "
+                                          f"fix the plugin or leave out --plugin") from None
                     continue
                 for obj in batch:
                     getattr(info, kind.attr).append(obj.name)
@@ -211,7 +216,15 @@ def _build() -> _Host:
         except Exception as exc:  # asked for by name: a failure is the user's to fix, not to skip
             raise FusionError(f"--plugin {spec} failed to load ({type(exc).__name__}: {exc}); "
                               f"fix the plugin or leave out --plugin") from None
+        if host.pm.is_registered(module):  # a built-in or installed plugin: it is loaded already
+            continue
         host.add(module, info)
+        # pluggy keeps a function named like no hook as a hook of its own, which nothing calls
+        unknown = sorted(c.name for c in host.pm.get_hookcallers(module) or () if c.spec is None)
+        if info.error or unknown:
+            why = info.error or (f"{', '.join(unknown)} is not a fusion hook; the hooks are "
+                                 f"{', '.join(sorted(host.hook_names))}")
+            raise FusionError(f"--plugin {spec} cannot be used ({why}); fix the plugin or leave out --plugin")
     return host
 
 
@@ -269,6 +282,12 @@ def fusion_functions() -> dict[str, FusionFunction]:
     return host().active("fusion function")
 
 
+def registered_by(what: str, name: str) -> PluginInfo | None:
+    """The plugin whose registration of ``name`` is in use."""
+    entries = host().registered(what).get(name)
+    return host().infos[entries[-1][0]] if entries else None
+
+
 def clash(what: str, name: str) -> str | None:
     """One line saying which plugin's ``name`` is used, when more than one registered it."""
     entries = host().registered(what).get(name, [])
@@ -283,10 +302,12 @@ def clash(what: str, name: str) -> str | None:
 def get_strategy(name: Any, path: str = "merge_method", line: int | None = None) -> Strategy:
     known = strategies()
     if not isinstance(name, str) or name not in known:
+        failed = [i for i in host().infos.values() if i.error]
+        hint = f"; plugin {failed[0].title} failed to load ({failed[0].error.splitlines()[0]})" if failed else ""
         raise ConfigError(
             path,
             f"unknown merge method {name!r}; known methods: {', '.join(sorted(known))} "
-            f"(`fusion plugins` lists them with their parameters)",
+            f"(`fusion plugins` lists them with their parameters){hint}",
             line,
         )
     return known[name]

@@ -132,12 +132,6 @@ class LayerMap:
         return runs
 
 
-def num_layers(model: Model) -> int:
-    """A model's layer count, as its tensors have it (config.json may say otherwise)."""
-    found = 1 + max((r.layer for r in model.roles.values() if r.layer is not None), default=-1)
-    return found or model.spec.num_layers(model.checkpoint.config) or 0
-
-
 def build_layer_map(config: MergeConfig, opened: ModelSet, base: Model | None, merged: list[tuple[Model, Any]],
                     layout: Model, base_mode: str) -> LayerMap:
     """The output slices of ``config``; ``merged`` are the opened models of a ``models:`` config
@@ -146,7 +140,7 @@ def build_layer_map(config: MergeConfig, opened: ModelSet, base: Model | None, m
     if config.slices is None:
         sources = [Source(m, 0, e.parameters, e.path) for m, e in merged]
         base_source = Source(base, 0, {}, "base_model") if base is not None else None
-        whole = OutputSlice(sources, base_source, Source(layout, 0, {}, "layout"), {}, "", 0, num_layers(layout))
+        whole = OutputSlice(sources, base_source, Source(layout, 0, {}, "layout"), {}, "", 0, layout.num_layers)
         return LayerMap([whole], identity=True)
     problems = Problems(config.lines)
     slices, offset = [], 0
@@ -157,7 +151,7 @@ def build_layer_map(config: MergeConfig, opened: ModelSet, base: Model | None, m
         listed, sources, base_source = [], [], None
         for src in entry.sources:
             model = opened.open(src.reference, src.path)
-            depth = num_layers(model)
+            depth = model.num_layers
             if src.end > depth:
                 problems.add(f"{src.path}.layer_range", f"layer_range [{src.start}, {src.end}] goes past the last "
                                                         f"layer of {model.label}, which has {depth} layers")

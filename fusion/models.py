@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .api.architecture import ArchitectureSpec, ExactNames, TensorRole
+from .api.errors import CheckpointError
 from .api.resolver import ResolveOptions
 from .checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from .host import architectures
@@ -23,6 +24,8 @@ class Model:
     spec: ArchitectureSpec
     roles: dict[str, TensorRole] = field(default_factory=dict)
     by_canonical: dict[str, str] = field(default_factory=dict)
+    #: the language model's layers, over which gradient parameters are spread
+    num_layers: int = 1
 
     @property
     def reference(self) -> str:
@@ -77,5 +80,28 @@ class ModelSet:
             role = model.spec.classify(name) or TensorRole(canonical=name, role="other")
             model.roles[name] = role
             model.by_canonical.setdefault(role.canonical, name)
+        model.num_layers = self._num_layers(model)
         self._open[key] = model
         return model
+
+    def _num_layers(self, model: Model) -> int:
+        """config.json's layer count, checked against the layers the tensors have: a wrong count
+        would put every layer at the wrong point of a gradient."""
+        spec, config = model.spec, model.checkpoint.config
+        key = spec.num_layers_key
+        declared = spec.setting(config, key)
+        indices = [r.layer for r in model.roles.values() if r.role == "layer" and r.layer is not None]
+        found = 1 + max(indices) if indices else None
+        if declared is None:
+            return found or 1
+        where = f"{model.label}: config.json has {key} = {declared!r}"
+        fix = f"fix {key} in {model.checkpoint.folder / 'config.json'}"
+        if type(declared) is not int or declared < 1:
+            raise CheckpointError(f"{where}, which is not a positive whole number; {fix}")
+        if found is not None and declared != found:
+            detail = f"{where}, but its tensors have {found} layers (layers.0 to layers.{found - 1})"
+            if isinstance(spec, ExactNames):  # names matched by guesswork: a vision tower may count
+                self.notices.append(f"{detail}; gradients are spread over {declared} layers")
+                return declared
+            raise CheckpointError(f"{detail}; {fix}")
+        return declared

@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Any, Mapping, Union
 
 from .api.dtypes import DTYPES
+from .api.modelfiles import support_files
 from .api.resolver import ResolveOptions
 from .config import MergeConfig, load_config
 from .planner import Plan, build_plan
 from .stream import Summary, execute, select_kernel
 from .vocabulary import write_tokenizer
-from .writer import atomic_folder, check_output, parse_size, write_config
+from .writer import atomic_folder, check_output, output_folder, parse_size, refuse_existing, write_config
 
 #: What the API takes as a config: a YAML file, data shaped like one, or a parsed config.
 ConfigLike = Union[str, Path, Mapping[str, Any], MergeConfig]
@@ -74,6 +75,7 @@ def merge(config: ConfigLike, output: str | Path, *, force: bool = False, kernel
     (``summary.text()`` is what the CLI prints).
     """
     size = parse_size(shard_size)
+    refuse_existing(output_folder(output), force)  # before anything is downloaded
     with plan(config, offline=offline, cache_dir=cache_dir, weights=True, random_seed=random_seed,
               base_dir=base_dir) as p:
         return write(p, output, force=force, kernel=kernel, threads=threads, shard_size=size, card=card,
@@ -86,10 +88,12 @@ def write(plan: Plan, output: str | Path, *, force: bool = False, kernel: str = 
     """Execute a plan into ``output`` atomically: a failed run leaves nothing behind."""
     from .card import model_card, provenance
 
-    output = Path(output)
-    check_output(output, [(m.label, m.folder) for m in plan.inputs])
-    select_kernel(plan, kernel)  # fail before creating anything
-    with atomic_folder(output, force) as tmp:
+    output = output_folder(output)
+    protected = [("config file", plan.config.source)] if plan.config.source else []
+    check_output(output, [(m.label, m.folder) for m in plan.inputs], protected)
+    preflight(plan, kernel)  # fail before creating anything
+    notes: list[str] = []
+    with atomic_folder(output, force, notes) as tmp:
         summary = execute(plan, tmp, shard_size=shard_size, kernel=kernel, threads=threads, progress=progress)
         out_dtype = DTYPES[plan.config.output_dtype].name if plan.config.output_dtype else None
         write_config(tmp, plan.output_config, out_dtype)
@@ -98,4 +102,13 @@ def write(plan: Plan, output: str | Path, *, force: bool = False, kernel: str = 
         if card:
             (tmp / "README.md").write_text(model_card(plan, plan.resolve_options.resolved))
     summary.output = output
+    summary.notices += notes
     return summary
+
+
+def preflight(plan: Plan, kernel: str = "auto") -> None:
+    """What the real run would refuse before merging anything (``merge --dry-run`` asks too):
+    kernels that cannot be had, files of the layout model that lead outside its folder."""
+    select_kernel(plan, kernel)
+    if plan.layout.checkpoint.format != "headers":
+        support_files(plan.layout.folder, plan.layout.label)

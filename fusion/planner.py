@@ -25,7 +25,7 @@ from .config import MergeConfig
 from .config_checks import check_config
 from .configfile import Problems
 from .host import clash, get_strategy
-from .layermap import POST_ROLES, LayerMap, OutputSlice, build_layer_map, input_canonical, num_layers, output_config
+from .layermap import POST_ROLES, LayerMap, OutputSlice, build_layer_map, input_canonical, output_config
 from .models import Model, ModelSet
 from .parameters import resolve_parameters
 
@@ -210,14 +210,15 @@ def build_plan(config: MergeConfig, options: ResolveOptions | None = None, *,
         from .vocabulary import build_vocabulary
 
         plan.vocabulary = build_vocabulary(plan, opened)
-    elif config.chat_template is not None and not any(is_tokenizer_file(f) for f in support_files(layout.folder)):
+    elif config.chat_template is not None and not any(is_tokenizer_file(f) for f in
+                                                      support_files(layout.folder, layout.label)):
         notices.append(f"chat_template: {layout.label} has no tokenizer to give the template to, so none is "
                        f"written")
     _plan_tensors(plan)
     _note_unused(plan)
     if not layers.identity:
         notices.append(f"the output has {layers.num_layers} layers, stacked from {len(layers.slices)} slice(s) "
-                       f"(the layout model has {num_layers(layout)})")
+                       f"(the layout model has {layout.num_layers})")
     plan.output_config = output_config(layout, layers, plan.vocabulary.size if plan.vocabulary else None)
     notices += [n for n in _deviations(plan) if n not in notices]
     return plan

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .api.errors import FusionError
-from .api.resolver import ResolveOptions, looks_like_hub_name
+from .api.resolver import ResolveOptions, expand_user, looks_like_hub_name
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ def resolve(reference: str, options: ResolveOptions, where: str) -> ResolvedMode
     except FusionError as exc:  # say which config entry named the model
         raise FusionError(f"{where}: {exc}") from None
     if result is None:
-        local = (options.base_dir / Path(reference).expanduser())
+        local = options.base_dir / expand_user(reference, "model path")
         if not looks_like_hub_name(reference):
             raise FusionError(
                 f"{where}: model path {str(local)!r} does not exist; check the path "

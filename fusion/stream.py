@@ -119,6 +119,8 @@ def _merge_one_c(tp: TensorPlan, strategy: Strategy, layout: Checkpoint, threads
                                      release=release)
     except FusionError as exc:
         raise MergeError(f"tensor {tp.name}: {exc}") from None
+    except Exception as exc:
+        raise _plugin_failed(strategy, tp, exc) from exc
     if bad:
         raise _non_finite(tp, bad)
     merged = n * DTYPES[tp.dtype].size
@@ -127,8 +129,22 @@ def _merge_one_c(tp: TensorPlan, strategy: Strategy, layout: Checkpoint, threads
     return full
 
 
-def _merge_one(tp: TensorPlan, fn: Callable, elementwise: bool, layout: Checkpoint) -> Any:
+def _plugin_failed(strategy: Strategy, tp: TensorPlan, exc: Exception) -> MergeError:
+    """A strategy that raised: a bug of the plugin that registered it, named with the tensor."""
+    from .host import registered_by
+
+    info = registered_by("strategy", strategy.name)
+    plugin = f" of plugin {info.title}" if info is not None else ""
+    detail = (str(exc).strip().splitlines() or [""])[0]
+    return MergeError(f"strategy {strategy.name!r}{plugin} raised {type(exc).__name__}"
+                      + (f" ({detail})" if detail else "") + f" on tensor {tp.name}; this is a bug in the "
+                      f"plugin: report it to its authors (--debug shows the traceback)")
+
+
+def _merge_one(tp: TensorPlan, strategy: Strategy, layout: Checkpoint) -> Any:
     import torch
+
+    fn, elementwise = strategy.merge, strategy.elementwise
 
     rows = tp.rows if tp.rows is not None else (tp.shape[0] if tp.shape else 0)
     views = [model.checkpoint.read(info.name) for model, info in tp.merge_sources]
@@ -146,6 +162,8 @@ def _merge_one(tp: TensorPlan, fn: Callable, elementwise: bool, layout: Checkpoi
             result = fn(base, inputs, tp.params, context)
         except FusionError as exc:
             raise MergeError(f"tensor {tp.name}: {exc}") from None
+        except Exception as exc:
+            raise _plugin_failed(strategy, tp, exc) from exc
         target = out[sl]
         if not isinstance(result, torch.Tensor) or result.shape != target.shape:
             got = tuple(result.shape) if isinstance(result, torch.Tensor) else type(result).__name__
@@ -256,8 +274,7 @@ def execute(plan: Plan, folder: Path, *, shard_size: int, kernel: str = "auto",
                     out = _merge_one_c(tp, plan.strategy, plan.layout.checkpoint, threads)
                     fallback += out is None
                 if out is None:
-                    out = _merge_one(tp, plan.strategy.merge, plan.strategy.elementwise,
-                                     plan.layout.checkpoint)
+                    out = _merge_one(tp, plan.strategy, plan.layout.checkpoint)
                 summary.merged += 1
 
             def done(sources=sources, nbytes=tp.nbytes, i=i) -> None:

@@ -40,7 +40,7 @@ STEP = 8192
 
 def load_tokenizer(model: Model) -> Any | None:
     """The model's tokenizer (never with remote code), or None when its folder has none."""
-    if not any(is_tokenizer_file(f) for f in support_files(model.folder)):
+    if not any(is_tokenizer_file(f) for f in support_files(model.folder, model.label)):
         return None
     from transformers import AutoTokenizer
 
@@ -315,9 +315,10 @@ def write_tokenizer(plan: Plan, folder: Path) -> None:
     """The files beside the weights: the layout model's, with the tokenizer the config builds (or
     the layout's given the config's chat template) written in place of its tokenizer files."""
     rebuilt = plan.vocabulary is not None or plan.config.chat_template is not None
-    exclude = ["config.json"] + ([f for f in support_files(plan.layout.folder) if is_tokenizer_file(f)]
+    layout = plan.layout
+    exclude = ["config.json"] + ([f for f in support_files(layout.folder, layout.label) if is_tokenizer_file(f)]
                                  if rebuilt else [])
-    copy_support_files(plan.layout.folder, folder, exclude=exclude)
+    copy_support_files(layout.folder, folder, exclude=exclude, label=layout.label)
     if not rebuilt:
         return
     tokenizer = plan.vocabulary.tokenizer if plan.vocabulary is not None else load_tokenizer(plan.layout)

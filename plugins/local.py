@@ -9,7 +9,7 @@ import fusion
 
 @fusion.hookimpl(tryfirst=True)
 def resolve_model(reference: str, options: fusion.ResolveOptions) -> str | None:
-    path = Path(reference).expanduser()
+    path = fusion.expand_user(reference, "model path")
     if not path.is_absolute():
         path = Path(options.base_dir) / path
     return str(path.resolve()) if path.exists() else None

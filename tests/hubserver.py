@@ -22,7 +22,11 @@ Repositories are folders built by tests: ``root/{org}/{name}/{commit}/...`` hold
 files; branches and tags map names to commits. Every request is recorded (method, path, query,
 headers, status) so tests can check which files were fetched and that a cached run sends none.
 Faults can be injected: an HTTP error status for any path, or, for a file download, a
-connection cut after some bytes.
+connection cut after some bytes; and what a hostile or broken endpoint does: an answer that never
+comes (:meth:`FakeHub.stall_next_request`), a body that never ends
+(:meth:`FakeHub.endless_next_request`), a file whose bytes differ from what the listing says
+(:meth:`FakeHub.tamper`). File names are repository paths as given, ``../x`` included (git
+forbids them; a mirror need not), and are stored on disk under quoted names.
 """
 
 from __future__ import annotations
@@ -111,7 +115,8 @@ class FakeHub:
         self.tokens: dict[str, str] = {}  # token -> user name
         self._requests: list[RecordedRequest] = []
         self._faults: dict[tuple[str, str], list[_Fault]] = {}
-        self._path_faults: dict[str, list[int]] = {}
+        self._path_faults: dict[str, list[int | str]] = {}
+        self._released = threading.Event()  # set by stop(): stalled handlers give up
         self._lock = threading.Lock()
         self._counter = itertools.count(1)
         self._server: ThreadingHTTPServer | None = None
@@ -132,6 +137,7 @@ class FakeHub:
 
     def stop(self) -> None:
         """Stop serving and drop every open connection, as a vanished server would."""
+        self._released.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -195,10 +201,10 @@ class FakeHub:
             digest.update(f"{name}\0{_git_blob_oid(contents[name])}\n".encode())
         sha = digest.hexdigest()
         folder = self.root / repo_id / sha
+        folder.mkdir(parents=True, exist_ok=True)
         entries: dict[str, _File] = {}
         for name, data in contents.items():
-            disk = folder / name
-            disk.parent.mkdir(parents=True, exist_ok=True)
+            disk = folder / quote(name, safe="")
             disk.write_bytes(data)
             if name.endswith(LFS_EXTENSIONS) or len(data) > LFS_THRESHOLD:
                 sha256 = hashlib.sha256(data).hexdigest()
@@ -236,7 +242,24 @@ class FakeHub:
         with self._lock:
             self._path_faults.setdefault(path, []).append(status)
 
-    def _take_path_fault(self, path: str) -> int | None:
+    def stall_next_request(self, path: str, times: int = 1) -> None:
+        """Accept the next ``times`` requests for this URL path and never answer them (until
+        ``stop()``)."""
+        with self._lock:
+            self._path_faults.setdefault(path, []).extend(["stall"] * times)
+
+    def endless_next_request(self, path: str) -> None:
+        """Answer the next request for this URL path with a 200 whose chunked JSON body never
+        ends (until the client hangs up or ``stop()``)."""
+        with self._lock:
+            self._path_faults.setdefault(path, []).append("endless")
+
+    def tamper(self, repo_id: str, commit: str, path: str, data: bytes) -> None:
+        """Serve ``data`` for the file from now on, while the listing, ETag and size headers keep
+        describing the committed file: what a corrupting proxy or mirror does."""
+        self.repos[repo_id].commits[commit].files[path].disk.write_bytes(data)
+
+    def _take_path_fault(self, path: str) -> int | str | None:
         with self._lock:
             queue = self._path_faults.get(path)
             return queue.pop(0) if queue else None
@@ -347,6 +370,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.hub._record(self._record)
         try:
             injected = self.hub._take_path_fault(self._record.path)
+            if injected == "stall":
+                self.hub._released.wait()
+                self.close_connection = True
+                return
+            if injected == "endless":
+                self._endless()
+                return
             if injected is not None:
                 raise _HubError(injected, None, "Injected failure")
             user = self._user()
@@ -532,6 +562,21 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, headers, body, head=False)
 
     # -- responses ---------------------------------------------------------------------------
+
+    def _endless(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        chunk = b'{"rfilename": "padding.txt"},' * 2000
+        frame = b"%x\r\n%s\r\n" % (len(chunk), chunk)
+        self.close_connection = True
+        try:
+            self.wfile.write(b'5\r\n{"id"\r\n')
+            while not self.hub._released.is_set():
+                self.wfile.write(frame)
+        except OSError:  # the client hung up: what it should do
+            pass
 
     def _send(self, status: int, headers: dict[str, str], body: bytes, *, head: bool,
               length: int | None = None) -> None:

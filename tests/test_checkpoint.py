@@ -39,7 +39,7 @@ def test_pickle_that_runs_code_is_refused(tmp_path, monkeypatch):
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(Shape().config("float32")))
     torch.save({"model.embed_tokens.weight": _Exploit()}, folder / "pytorch_model.bin", pickle_protocol=2)
-    with pytest.raises(CheckpointError, match="cannot load .* safely"):
+    with pytest.raises(CheckpointError, match="Python objects besides tensors, which fusion never unpickles"):
         open_checkpoint(folder, "models[0]")
     assert not (tmp_path / "PWNED").exists()
 

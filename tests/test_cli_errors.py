@@ -53,22 +53,24 @@ def _fresh_plugin_state(monkeypatch):
     plugins.reset()
 
 
-@pytest.fixture
-def run(capsys):
-    """Call ``fusion.cli.main(argv)`` in-process; return its exit code and captured output."""
+def call_cli(capsys, *argv) -> Result:
+    """Call ``fusion.cli.main(argv)`` in-process; its exit code and captured output."""
     from fusion import cli
 
-    def call(*argv) -> Result:
-        capsys.readouterr()
-        try:
-            cli.main([str(a) for a in argv])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        out, err = capsys.readouterr()
-        return Result(code, out, err)
+    capsys.readouterr()
+    try:
+        cli.main([str(a) for a in argv])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    out, err = capsys.readouterr()
+    return Result(code, out, err)
 
-    return call
+
+@pytest.fixture
+def run(capsys):
+    """``run(*argv)``: :func:`call_cli` with this test's captured output."""
+    return lambda *argv: call_cli(capsys, *argv)
 
 
 def _env() -> dict[str, str]:
@@ -583,7 +585,8 @@ def test_error_after_progress_bar_is_the_last_line(family, tmp_path, outs, run):
 
 @pytest.mark.parametrize("kind, code, message", [
     ("keyboard", 130, "interrupted"),
-    ("exception", 2, "internal error: RuntimeError: boom on the fifth tensor"),
+    ("exception", 1, "error: strategy 'fails_late' of plugin fails_exception (local) raised RuntimeError "
+                     "(boom on the fifth tensor) on tensor model."),
     ("fusion_error", 1, "error: tensor "),
 ])
 def test_interrupted_run_leaves_nothing(family, tmp_path, outs, run, kind, code, message):

@@ -145,7 +145,7 @@ def register_strategies(register):
 '''
 
 
-def test_every_problem_of_a_config_comes_out_in_one_run(llama, tmp_path, capsys):
+def test_every_problem_of_a_config_comes_out_in_one_run(llama, tmp_path, capsys, monkeypatch):
     """Ten problems of every kind: keys, values, required and misplaced parameters, model counts,
     slices and the tokenizer block; one line each with its path and line, nothing written."""
     from fusion import cli, host
@@ -170,11 +170,13 @@ def test_every_problem_of_a_config_comes_out_in_one_run(llama, tmp_path, capsys)
         chat_template: vicuna
         out_dtype: float8
         """, **llama)
+    monkeypatch.setattr(host, "_local_plugins", [])  # --plugin is process-wide: undone after the test
     host.reset()
     try:
         with pytest.raises(SystemExit) as exited:
             cli.main(["--plugin", str(plugin), "merge", str(cfg), "-o", str(tmp_path / "out")])
     finally:
+        monkeypatch.undo()
         host.reset()
     assert exited.value.code == 1
     err = capsys.readouterr().err

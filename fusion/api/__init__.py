@@ -19,13 +19,13 @@ from .architecture import PARTS, ROLES, ArchitectureSpec, Rule, TensorRole, load
 from .errors import CheckpointError, ConfigError, FusionError, MergeError
 from .hookspecs import hookimpl
 from .params import Param
-from .resolver import ResolveOptions, looks_like_hub_name, write_header_folder
+from .resolver import ResolveOptions, expand_user, looks_like_hub_name, write_header_folder
 from .strategy import Strategy, TensorContext
 from .vocab import Alignment, FusionFunction, VocabContext, edit_distance, min_edit_distance_token, pivot_index
 
 __all__ = [
     "PARTS", "ROLES", "Alignment", "ArchitectureSpec", "CheckpointError", "ConfigError", "FusionError",
     "FusionFunction", "MergeError", "Param", "ResolveOptions", "Rule", "Strategy", "TensorContext",
-    "TensorRole", "VocabContext", "edit_distance", "hookimpl", "load_architecture_file",
+    "TensorRole", "VocabContext", "edit_distance", "expand_user", "hookimpl", "load_architecture_file",
     "looks_like_hub_name", "min_edit_distance_token", "part_of", "pivot_index", "write_header_folder",
 ]

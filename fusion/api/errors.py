@@ -38,3 +38,31 @@ class ConfigErrors(ConfigError):
         first = self.errors[0]
         self.path, self.line = first.path, first.line
         FusionError.__init__(self, "\n".join(str(e) for e in self.errors))
+
+
+#: OS errors a user can do something about, by errno name: what to do (the caller may add an
+#: alternative, such as "or choose another -o").
+_OS_HINTS = {
+    "ENOSPC": "free some space there", "EDQUOT": "free some space there (the disk quota is full)",
+    "EROFS": "mount it read-write", "EACCES": "check the permissions", "EPERM": "check the permissions",
+    "EFBIG": "raise the file-size limit (ulimit -f)", "EMFILE": "raise the open-file limit (ulimit -n)",
+    "ENFILE": "close other programs' files", "EIO": "check the disk",
+    "ENOTDIR": "check the path (a part of it is a file)", "ENAMETOOLONG": "shorten the path",
+}
+
+
+def os_error(exc: BaseException, what: str, alternative: str = "") -> FusionError | None:
+    """The one sentence for an OS error a user can fix (disk full, read-only, no permission):
+    ``what`` failed, why, and what to do (``alternative``, e.g. "or choose another -o"). None when
+    ``exc`` is not such an error."""
+    import errno
+    import os
+
+    if not isinstance(exc, OSError) or exc.errno is None:
+        return None
+    hint = _OS_HINTS.get(errno.errorcode.get(exc.errno, ""))
+    if hint is None:
+        return None
+    where = f" ({exc.filename})" if exc.filename else ""
+    return FusionError(f"{what}: {os.strerror(exc.errno).lower()}{where}; {hint}"
+                       + (f" {alternative}" if alternative else ""))

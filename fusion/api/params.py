@@ -66,8 +66,11 @@ class Param:
                     return value
             elif isinstance(value, bool):
                 value = float(value)
-            if isinstance(value, (int, float)) and (t is float or float(value).is_integer()):
-                return t(value)
+            try:
+                if isinstance(value, (int, float)) and (t is float or float(value).is_integer()):
+                    return t(value)
+            except OverflowError:  # too large for a float: for check to refuse
+                pass
         return value
 
     def check(self, value: Any, path: str, line: int | None = None) -> Any:
@@ -80,10 +83,15 @@ class Param:
         elif t in (int, float):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(path, f"{self.name} must be a {_TYPE_NAMES[t]}, not {value!r}", line)
-            if t is int and not float(value).is_integer():
-                raise ConfigError(path, f"{self.name} must be an integer, not {value!r}", line)
-            value = t(value)
-            if not math.isfinite(value):
+            try:
+                if t is int and not float(value).is_integer():
+                    raise ConfigError(path, f"{self.name} must be an integer, not {value!r}", line)
+                value, finite = t(value), math.isfinite(value)
+            except OverflowError:  # an integer beyond any float
+                digits = str(value)
+                shown = digits if len(digits) < 24 else f"{digits[:12]}… ({len(digits)} digits)"
+                raise ConfigError(path, f"{self.name} = {shown} is too large for a number", line) from None
+            if not finite:
                 raise ConfigError(path, f"{self.name} must be finite, not {value!r}", line)
             if self.minimum is not None and (
                 value < self.minimum or (self.exclusive_minimum and value == self.minimum)
@@ -127,6 +135,9 @@ class Param:
                         raise ConfigError(f"{p}.filter", "a filter is a substring of tensor names", lines.get(p))
                     self.check_value(entry["value"], f"{p}.value", lines, nested=True)
                 return
+            if self.type is int and len(value) > 1:
+                raise ConfigError(path, f"{self.name} is an integer, so it cannot be a gradient (between layers "
+                                        f"it would take fractional values); give one value or a filter list", line)
             for i, v in enumerate(value):
                 self.check(v, f"{path}[{i}]", lines.get(f"{path}[{i}]", line))
             return

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from .errors import FusionError
+
 #: Marks a header-only model folder (see :func:`write_header_folder`).
 HEADERS_FILE = "fusion-headers.json"
 
@@ -36,6 +38,18 @@ class ResolveOptions:
 
 
 _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?\Z")
+
+
+def expand_user(path: str | Path, what: str = "path") -> Path:
+    """``path`` with a leading ``~`` or ``~user`` expanded; a FusionError (naming ``what``) when
+    there is no such user or home folder."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        head = str(path).split("/", 1)[0]
+        who = f"user {head[1:]!r}" if len(head) > 1 else "home folder (HOME is not set)"
+        raise FusionError(f"{what} {str(path)!r} starts with {head}, but there is no such {who}; give the "
+                          f"path without ~ or check the name") from None
 
 
 def looks_like_hub_name(reference: str) -> bool:

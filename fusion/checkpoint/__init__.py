@@ -10,13 +10,13 @@ memory flat however large the model is.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..api.dtypes import DTYPES
 from ..api.errors import CheckpointError
+from ..api.modelfiles import contained, load_json
 from .format import Storage, TensorInfo
 from .headers import HeaderFolder
 from .safetensors import Safetensors, read_safetensors_header
@@ -79,12 +79,18 @@ def _load_config(folder: Path, where: str) -> dict[str, Any]:
     if not cfg.is_file():
         raise CheckpointError(f"{where}: {folder} is not a model folder (no config.json); "
                               f"point to a folder saved with save_pretrained")
-    try:
-        data = json.loads(cfg.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{where}: {cfg} is not valid JSON ({exc}); fix or re-download it") from None
+    data = load_json(contained(folder, "config.json", where), where)
     if not isinstance(data, dict):
         raise CheckpointError(f"{where}: {cfg} must hold a JSON object")
+    # the keys fusion itself reads to recognise the architecture
+    arch = data.get("architectures")
+    if arch is not None and not (isinstance(arch, list) and all(isinstance(a, str) for a in arch)):
+        raise CheckpointError(f"{where}: {cfg} has architectures {arch!r}, not a list of class names "
+                              f"such as [\"Qwen2ForCausalLM\"]; fix config.json")
+    model_type = data.get("model_type")
+    if model_type is not None and not isinstance(model_type, str):
+        raise CheckpointError(f"{where}: {cfg} has model_type {model_type!r}, not a name such as \"qwen2\"; "
+                              f"fix config.json")
     return data
 
 

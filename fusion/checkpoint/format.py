@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import ClassVar
 
 from ..api.dtypes import nbytes
 from ..api.errors import CheckpointError
+from ..api.modelfiles import contained, load_json
 
 
 @dataclass(frozen=True)
@@ -65,16 +65,21 @@ class Format:
         raise NotImplementedError
 
 
-def read_weight_map(index: Path, label: str) -> dict[str, str]:
-    """The ``weight_map`` of a sharded checkpoint's index (tensor name → shard file)."""
-    try:
-        data = json.loads(index.read_text())
-        weight_map = data["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
-        raise CheckpointError(f"{label}: {index} is not a valid index (JSON with a weight_map); "
-                              f"download or save the model again") from None
-    return weight_map
-
-
+def read_weight_map(index: Path, label: str) -> dict[str, Path]:
+    """The ``weight_map`` of a sharded checkpoint's index: tensor name → shard file, every shard
+    checked to lie inside the model folder (:func:`fusion.api.modelfiles.contained`)."""
+    data = load_json(index, label)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{label}: {index} is not a valid index (a JSON object with a non-empty "
+                              f"weight_map); download or save the model again")
+    shards: dict[str, Path] = {}
+    out: dict[str, Path] = {}
+    for name, filename in weight_map.items():
+        if not isinstance(filename, str) or not filename:
+            raise CheckpointError(f"{label}: {index} maps tensor {name!r} to {filename!r}, which is not a "
+                                  f"file name; download or save the model again")
+        if filename not in shards:
+            shards[filename] = contained(index.parent, filename, label, named_by=index)
+        out[name] = shards[filename]
+    return out

@@ -3,13 +3,13 @@ dtypes and shapes of a Hub model's tensors, fetched for a plan without the weigh
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..api.errors import CheckpointError
+from ..api.modelfiles import contained, load_json
 from ..api.resolver import HEADERS_FILE
 from .format import Format, Storage, TensorInfo
-from .safetensors import parse_header
+from .safetensors import data_extent, parse_header
 
 
 class NoData(Storage):
@@ -27,24 +27,21 @@ class HeaderFolder(Format):
 
     @classmethod
     def open(cls, folder: Path, label: str) -> tuple[dict[str, TensorInfo], Storage, int]:
-        path = folder / HEADERS_FILE
+        path = contained(folder, HEADERS_FILE, label)
         damaged = CheckpointError(f"{label}: {path} is damaged; delete {folder} and run again")
-        try:
-            manifest = json.loads(path.read_text())
-            files = manifest["files"]
-            download = int(manifest.get("download_bytes", 0))
-            if not isinstance(files, dict) or not files:
-                raise TypeError
-        except (OSError, ValueError, KeyError, TypeError):
-            raise damaged from None
+        manifest = load_json(path, label)
+        files = manifest.get("files") if isinstance(manifest, dict) else None
+        download = manifest.get("download_bytes", 0) if isinstance(manifest, dict) else None
+        if not isinstance(files, dict) or not files or type(download) is not int:
+            raise damaged
         tensors: dict[str, TensorInfo] = {}
         for name, entry in files.items():
-            try:
-                size, header = int(entry["size"]), entry["header"]
-            except (KeyError, TypeError, ValueError):
-                raise damaged from None
+            size = entry.get("size") if isinstance(entry, dict) else None
+            if type(size) is not int or not isinstance(entry.get("header"), dict):
+                raise damaged
+            header = entry["header"]
             # The remote file is 8 length bytes, the header, then exactly the data the header describes.
-            data_size = max((e["data_offsets"][1] for k, e in header.items() if k != "__metadata__"
-                             and isinstance(e, dict) and isinstance(e.get("data_offsets"), list)), default=0)
-            tensors.update(parse_header(header, folder / name, data_start=size - data_size, data_size=data_size))
+            data_size = data_extent(header)
+            tensors.update(parse_header(header, contained(folder, name, label),
+                                        data_start=size - data_size, data_size=data_size))
         return tensors, NoData(), download

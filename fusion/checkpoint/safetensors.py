@@ -13,6 +13,7 @@ from typing import Any
 
 from ..api.dtypes import DTYPES
 from ..api.errors import CheckpointError
+from ..api.modelfiles import contained
 from .format import Format, Storage, TensorInfo, read_weight_map
 
 MAX_HEADER = 100 * 1024 * 1024
@@ -35,10 +36,30 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     except OSError as exc:
         raise CheckpointError(f"cannot read {path}: {exc.strerror}") from None
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        # the format says UTF-8; json.loads would also take UTF-16 and UTF-32 bytes
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except UnicodeDecodeError:
+        raise _corrupt(path, "the header is not UTF-8 text") from None
+    except _Duplicate as dup:
+        raise _corrupt(path, f"tensor {dup.args[0]!r} is listed twice in the header") from None
+    except json.JSONDecodeError:
         raise _corrupt(path, "the header is not JSON") from None
+    except RecursionError:
+        raise _corrupt(path, "the header is nested too deeply") from None
     return parse_header(header, path, data_start=8 + n, data_size=size - 8 - n)
+
+
+class _Duplicate(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _Duplicate(key)
+        out[key] = value
+    return out
 
 
 def _corrupt(path: Path, reason: str) -> CheckpointError:
@@ -48,27 +69,61 @@ def _corrupt(path: Path, reason: str) -> CheckpointError:
     )
 
 
+def _whole(value: Any) -> bool:
+    return type(value) is int and value >= 0  # JSON whole numbers only: no floats, no booleans
+
+
+def _entry(name: str, entry: Any, path: Path) -> tuple[str, tuple[int, ...], int, int]:
+    """One tensor's (dtype, shape, begin, end), each of the JSON type the format prescribes."""
+    if not isinstance(entry, dict):
+        raise _corrupt(path, f"the entry of tensor {name!r} is not a JSON object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str):
+        raise _corrupt(path, f"tensor {name!r} has dtype {dtype!r}, not a dtype name")
+    if dtype not in DTYPES:
+        raise _corrupt(path, f"tensor {name!r} has unsupported dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_whole(d) for d in shape):
+        raise _corrupt(path, f"tensor {name!r} has shape {shape!r}, not a list of whole numbers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_whole(o) for o in offsets):
+        raise _corrupt(path, f"tensor {name!r} has data_offsets {offsets!r}, not two whole numbers")
+    return dtype, tuple(shape), offsets[0], offsets[1]
+
+
+def data_extent(header: Any) -> int:
+    """How many data bytes a decoded header describes (0 when it is too damaged to say)."""
+    if not isinstance(header, dict):
+        return 0
+    ends = [e["data_offsets"][1] for k, e in header.items() if k != "__metadata__" and isinstance(e, dict)
+            and isinstance(e.get("data_offsets"), list) and len(e["data_offsets"]) == 2]
+    return max((x for x in ends if _whole(x)), default=0)
+
+
 def parse_header(header: Any, path: Path, *, data_start: int, data_size: int) -> dict[str, TensorInfo]:
-    """Tensor entries of a decoded safetensors header, checked against the file's data size."""
+    """Tensor entries of a decoded safetensors header, checked against the file's data size: the
+    tensors tile the data bytes exactly, in some order, with no overlap and no gap (as the
+    format requires; one tensor's bytes can never be read as another's)."""
     if not isinstance(header, dict):
         raise _corrupt(path, "the header is not a JSON object")
+    if not isinstance(header.get("__metadata__", {}), dict):
+        raise _corrupt(path, "__metadata__ is not a JSON object")
     out: dict[str, TensorInfo] = {}
-    covered = 0
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise _corrupt(path, f"bad entry for tensor {name!r}") from None
-        if dtype not in DTYPES:
-            raise _corrupt(path, f"tensor {name!r} has unsupported dtype {dtype!r}")
+        dtype, shape, begin, end = _entry(name, entry, path)
         info = TensorInfo(name, dtype, shape, path, data_start + begin, data_start + end)
-        if not (0 <= begin <= end <= data_size) or end - begin != info.nbytes:
+        if not (begin <= end <= data_size) or end - begin != info.nbytes:
             raise _corrupt(path, f"tensor {name!r} has offsets {begin}..{end} that do not match its shape "
                                  f"{list(shape)} or the file's {data_size} data bytes")
-        covered = max(covered, end)
         out[name] = info
+    covered, last = 0, None
+    for info in sorted(out.values(), key=lambda i: (i.start, i.end)):
+        begin, end = info.start - data_start, info.end - data_start
+        if begin < covered:
+            raise _corrupt(path, f"tensors {last!r} and {info.name!r} share data bytes {begin}..{min(end, covered)}")
+        if begin > covered:
+            raise _corrupt(path, f"data bytes {covered}..{begin} belong to no tensor")
+        covered, last = end, info.name
     if covered != data_size:
         raise _corrupt(path, f"the header describes {covered} data bytes but the file has {data_size}")
     return out
@@ -76,19 +131,19 @@ def parse_header(header: Any, path: Path, *, data_start: int, data_size: int) ->
 
 def _from_index(index: Path, label: str) -> dict[str, TensorInfo]:
     weight_map = read_weight_map(index, label)
-    headers: dict[str, dict[str, TensorInfo]] = {}
+    headers: dict[Path, dict[str, TensorInfo]] = {}
     tensors: dict[str, TensorInfo] = {}
-    for name, filename in weight_map.items():
-        if filename not in headers:
-            path = index.parent / filename
+    for name, path in weight_map.items():
+        if path not in headers:
             if not path.is_file():
-                raise CheckpointError(f"{label}: shard {filename} listed in {index.name} is missing; "
-                                      f"download the complete model")
-            headers[filename] = read_safetensors_header(path)
-        if name not in headers[filename]:
-            raise CheckpointError(f"{label}: tensor {name!r} is listed in {index.name} but not in {filename}; "
-                                  f"the checkpoint is inconsistent: download or save it again")
-        tensors[name] = headers[filename][name]
+                raise CheckpointError(f"{label}: shard {path.relative_to(index.parent)} listed in {index.name} "
+                                      f"is missing; download the complete model")
+            headers[path] = read_safetensors_header(path)
+        if name not in headers[path]:
+            raise CheckpointError(f"{label}: tensor {name!r} is listed in {index.name} but not in "
+                                  f"{path.relative_to(index.parent)}; the checkpoint is inconsistent: "
+                                  f"download or save it again")
+        tensors[name] = headers[path][name]
     for header in headers.values():
         for name, info in header.items():
             tensors.setdefault(name, info)  # tolerate tensors a stale index forgot
@@ -168,5 +223,6 @@ class Safetensors(Format):
     @classmethod
     def open(cls, folder: Path, label: str) -> tuple[dict[str, TensorInfo], Storage, int]:
         index = folder / INDEX
-        tensors = _from_index(index, label) if index.is_file() else read_safetensors_header(folder / SINGLE)
+        tensors = _from_index(contained(folder, INDEX, label), label) if index.is_file() \
+            else read_safetensors_header(contained(folder, SINGLE, label))
         return tensors, MappedFiles(), 0

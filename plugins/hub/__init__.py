@@ -43,8 +43,12 @@ def resolve_model(reference: str, options: fusion.ResolveOptions) -> str | None:
     if not fusion.looks_like_hub_name(reference):
         return None
     repo_id, _, revision = reference.partition("@")
-    if not _valid_repo_id(repo_id):
-        return None  # not a name the Hub could have: let the host report the missing path
+    problem = _invalid_repo_id(repo_id)
+    if problem:  # every other resolver, the local one included, has declined it already
+        raise fusion.FusionError(
+            f"{reference!r} is neither a local folder nor a valid Hub model name ({problem}); check "
+            f"the path, or give a Hub name as org/name[@revision]."
+        )
     revision = revision or _DEFAULT_REVISION
     if any(part in ("", ".", "..") for part in revision.split("/")):
         raise fusion.FusionError(
@@ -55,11 +59,14 @@ def resolve_model(reference: str, options: fusion.ResolveOptions) -> str | None:
     return str(hub.resolve())
 
 
-def _valid_repo_id(repo_id: str) -> bool:
+def _invalid_repo_id(repo_id: str) -> str | None:
+    """Why ``repo_id`` cannot be a Hub repository (None when it can)."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+    if any(part in (".", "..") for part in repo_id.split("/")):
+        return "'.' and '..' are not names"
     try:
         validate_repo_id(repo_id)
-    except HFValidationError:
-        return False
-    return True
+    except HFValidationError as exc:
+        return str(exc).strip().splitlines()[0].rstrip(".")
+    return None

@@ -4,6 +4,7 @@ for plans under ``fusion-headers/<commit>``. Nothing here makes a request."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -18,13 +19,21 @@ FULL_COMMIT = re.compile(r"[0-9a-f]{40}")
 HEADERS_FOLDER = "fusion-headers"
 
 
+def checksum(path: Path, kind: str) -> str:
+    """The file's digest as the Hub lists it: ``sha256`` of the content (Git LFS files), or
+    ``git`` (the Git blob id: sha1 of ``blob <size>\\0`` and the content) for the others."""
+    digest = hashlib.sha256() if kind == "sha256" else hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 class NotCached(Exception):
     def __init__(self, missing: list[str] | None = None, commit: str | None = None):
         super().__init__("not cached")
         self.missing = missing  # None: nothing of this revision is cached
         self.commit = commit
-
-
 
 
 class RepoCache:
@@ -60,7 +69,7 @@ class RepoCache:
         def read_json(name: str) -> Any:
             try:
                 return json.loads((folder / name).read_text(encoding="utf-8"))
-            except (OSError, ValueError):
+            except (OSError, ValueError, RecursionError):
                 raise NotCached([name], commit) from None
 
         try:
@@ -109,3 +118,12 @@ class RepoCache:
             os.replace(tmp, ref)  # atomic: a concurrent reader never sees a partial ref
         except OSError:
             pass  # a read-only cache still works online; offline use then needs a commit hash
+
+    def discard(self, path: Path) -> None:
+        """Remove a cached file of a snapshot, and the blob it links to, so a re-run fetches it again."""
+        blob = path.resolve()
+        for p in (path, blob):
+            try:
+                p.unlink()
+            except OSError:
+                pass

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import errno
-import os
 import sys
 from typing import Callable, Iterator
 
 import fusion
+from fusion.api.errors import os_error
 
 from .cache import NotCached, RepoCache
+from .http import MAX_METADATA_ENV, ResponseTooLarge
 from .files import OTHER_WEIGHTS
 
 
@@ -104,12 +104,16 @@ class Translator:
                 f"The Hub at {self.endpoint} rejected the access token while fetching {name!r}; "
                 f"renew it with {self.login_hint()}."
             )
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
+        if isinstance(exc, ResponseTooLarge):
             return fusion.FusionError(
-                f"Hub model {name!r} cannot be written to the cache {self.cache.cache_dir} "
-                f"({os.strerror(exc.errno)}); free space there or set HF_HUB_CACHE (or --cache-dir) "
-                f"to another folder."
+                f"The Hub at {self.endpoint} sent more than {exc.limit} bytes in answer to a request for "
+                f"{name!r}, far more than such an answer holds; check HF_ENDPOINT (a proxy or mirror may "
+                f"be broken), or raise {MAX_METADATA_ENV} if the answer is genuine."
             )
+        disk = os_error(exc, f"Hub model {name!r} cannot be written to the cache {self.cache.cache_dir}",
+                        "or set HF_HUB_CACHE (or --cache-dir) to another folder.")
+        if disk is not None:
+            return disk
         return None
 
     def metadata_error(self, exc: BaseException) -> BaseException:
@@ -179,6 +183,8 @@ def short_reason(exc: BaseException) -> str:
         return "connection refused"
     if isinstance(exc, TimeoutError) or "timeout" in type(exc).__name__.lower():
         return "timed out"
+    if "Consistency check failed" in str(exc):  # huggingface_hub's size check of a download
+        return "a file arrived with another size than the Hub lists"
     return type(exc).__name__
 
 

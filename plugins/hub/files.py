@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Iterable
 
-from fusion.api.modelfiles import is_support_file
+from fusion.api.modelfiles import is_safe_name, is_support_file
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PYTORCH_INDEX = "pytorch_model.bin.index.json"
@@ -21,7 +21,7 @@ def select_files(files: Iterable[str], read_json: Callable[[str], Any]) -> tuple
     weight index, whose ``weight_map`` names the exact shards (repositories such as Mistral's also
     carry a ``consolidated.safetensors`` copy of the same weights that must not be downloaded).
     """
-    files = list(files)
+    files = [f for f in files if is_safe_name(f)]  # a listing naming ../x is not followed there
     top = {f for f in files if "/" not in f}
     weights = _weight_files(top, set(files), read_json)
     support = sorted(f for f in files if is_support_file(f))
@@ -37,6 +37,9 @@ def _weight_files(top: set[str], every: set[str], read_json: Callable[[str], Any
             parsed = read_json(index)
             weight_map = parsed.get("weight_map") if isinstance(parsed, dict) else None
             shards = sorted({v for v in (weight_map or {}).values() if isinstance(v, str)})
+            unsafe = [s for s in shards if not is_safe_name(s)]
+            if unsafe:  # ../x or /x: a download there would land outside the cache
+                raise IndexMismatch(index, unsafe, unsafe=True)
             missing = [s for s in shards if s not in every]
             if missing:
                 raise IndexMismatch(index, missing)
@@ -55,10 +58,11 @@ def _weight_files(top: set[str], every: set[str], read_json: Callable[[str], Any
 
 
 class IndexMismatch(Exception):
-    def __init__(self, index: str, missing: list[str]):
+    def __init__(self, index: str, missing: list[str], unsafe: bool = False):
         super().__init__(index)
         self.index = index
         self.missing = missing
+        self.unsafe = unsafe  # the names lead outside the repository
 
 
 def escape_glob(name: str) -> str:

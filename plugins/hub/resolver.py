@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import fusion
+import fusion.api.modelfiles
 
-from .cache import FULL_COMMIT, NotCached, RepoCache
+from . import http
+from .cache import FULL_COMMIT, NotCached, RepoCache, checksum
 from .errors import Translator
 from .files import IndexMismatch, escape_glob, select_files
 
@@ -25,7 +26,8 @@ class HubModel:
         self.options = options
         # Read at call time: huggingface_hub fixes these from the environment when imported.
         self.endpoint = constants.ENDPOINT
-        self.cache_dir = str(Path(options.cache_dir or constants.HF_HUB_CACHE).expanduser().resolve())
+        cache_dir = fusion.expand_user(options.cache_dir or constants.HF_HUB_CACHE, "cache folder")
+        self.cache_dir = str(cache_dir.resolve())
         offline_now = getattr(constants, "is_offline_mode", None)
         self.offline = bool(options.offline) or bool(
             offline_now() if offline_now is not None else constants.HF_HUB_OFFLINE
@@ -36,6 +38,11 @@ class HubModel:
     # -- entry point -------------------------------------------------------------------------
 
     def resolve(self) -> Path:
+        http.install()
+        with http.quiet():
+            return self._resolve()
+
+    def _resolve(self) -> Path:
         prior = self.options.resolved.get(self.reference)
         if isinstance(prior, dict) and prior.get("repo") == self.repo_id and prior.get("commit"):
             # resolved earlier in this run: the same commit, found locally with no request
@@ -65,10 +72,6 @@ class HubModel:
         }
         return folder
 
-
-
-
-
     # -- network -----------------------------------------------------------------------------
 
     def model_info(self, files_metadata: bool = False) -> Any:
@@ -83,9 +86,11 @@ class HubModel:
     def download(self, info: Any = None) -> tuple[Path, str]:
         from huggingface_hub import snapshot_download
 
-        info = info or self.model_info()
+        info = info or self.model_info(files_metadata=True)
         commit = info.sha
         files = [s.rfilename for s in (info.siblings or [])]
+        snapshot = self.cache.storage / "snapshots" / commit
+        cached = {f for f in files if (snapshot / f).is_file()}  # checked when they were fetched
         with self.errors.translating(self.errors.download_error):
             weights, support = self.needed_files(files, commit)
             wanted = weights + support
@@ -103,16 +108,38 @@ class HubModel:
                 f"{', '.join(missing[:3])} arrived; run the same command again to resume, the "
                 f"files already downloaded are kept in {self.cache_dir}."
             )
+        self.verify(folder, [f for f in wanted if f not in cached], info, commit)
         return folder, commit
+
+    def verify(self, folder: Path, names: list[str], info: Any, commit: str) -> None:
+        """Check each downloaded file against the digest the Hub lists for it (sha256 for Git
+        LFS files, the Git blob id for the others): a file altered on the way, with its size
+        intact, is removed from the cache and refused."""
+        listed = {s.rfilename: s for s in (info.siblings or [])}
+        for name in names:
+            sibling = listed.get(name)
+            lfs = getattr(sibling, "lfs", None)
+            kind, want = ("sha256", lfs.sha256) if lfs is not None and getattr(lfs, "sha256", None) \
+                else ("git", getattr(sibling, "blob_id", None))
+            if not want:
+                continue  # the Hub gave no digest (an old server): nothing to compare with
+            got = checksum(folder / name, kind)
+            if got != want:
+                self.cache.discard(folder / name)
+                raise fusion.FusionError(
+                    f"Hub model {self.reference!r}: {name} downloaded from {self.endpoint} does not match "
+                    f"the {'sha256' if kind == 'sha256' else 'Git blob id'} the Hub lists for it "
+                    f"({got[:12]} instead of {want[:12]} at commit {commit[:12]}), so it was removed from "
+                    f"the cache; run again, and if it happens again something on the way alters the file."
+                )
 
     def read_json(self, name: str, commit: str) -> Any:
         from huggingface_hub import hf_hub_download
 
         path = hf_hub_download(self.repo_id, name, revision=commit, cache_dir=self.cache_dir)
         try:
-            with open(path, encoding="utf-8") as fh:
-                return json.load(fh)
-        except ValueError:
+            return fusion.api.modelfiles.load_json(Path(path), f"Hub model {self.reference!r}")
+        except fusion.FusionError:
             raise fusion.FusionError(
                 f"Hub model {self.reference!r}: {name} at commit {commit[:12]} is not valid "
                 f"JSON; pick another revision or report it to the model's authors."
@@ -123,10 +150,11 @@ class HubModel:
         try:
             weights, support = select_files(files, lambda name: self.read_json(name, commit))
         except IndexMismatch as exc:
+            lists = "shards outside the repository" if exc.unsafe else "shards the repository does not have"
             raise fusion.FusionError(
-                f"Hub model {self.reference!r}: {exc.index} at commit {commit[:12]} lists shards "
-                f"the repository does not have ({', '.join(exc.missing[:3])}); pick another "
-                f"revision or report it to the model's authors."
+                f"Hub model {self.reference!r}: {exc.index} at commit {commit[:12]} lists {lists} "
+                f"({', '.join(map(repr, exc.missing[:3]))}); pick another revision or report it to the "
+                f"model's authors."
             ) from None
         if not weights:
             raise self.errors.no_weights_error(files, commit)
