@@ -11,14 +11,13 @@ not take (published recipes give ``weight`` to ``model_stock``, ``normalize`` to
 from __future__ import annotations
 
 import difflib
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+import os
+from typing import Any, Iterator, Mapping
 
 from .api.strategy import Strategy
+from .config import MergeConfig
 from .configfile import Problems
 from .host import strategies
-
-if TYPE_CHECKING:  # config.py calls these checks while it builds the config
-    from .config import MergeConfig
 
 
 def parameter_scopes(config: MergeConfig) -> Iterator[tuple[str, Mapping[str, Any], bool]]:
@@ -41,14 +40,20 @@ def merged_inputs(config: MergeConfig, strategy: Strategy) -> list[tuple[str, li
     uses_base = strategy.base != "unused"
     if config.slices is None:
         base = config.base_model if uses_base else None
-        merged = [(e.path, e.reference) for e in config.models if e.reference != base]
+        merged = [(e.path, e.reference) for e in config.models if not same_model(e.reference, base)]
         out.append(("models", merged, base))
     else:
         for s in config.slices:
             base = (s.base_model or config.base_model) if uses_base else None
-            merged = [(src.path, src.reference) for src in s.sources if src.reference != base]
+            merged = [(src.path, src.reference) for src in s.sources if not same_model(src.reference, base)]
             out.append((s.path, merged, base))
     return out
+
+
+def same_model(a: str | None, b: str | None) -> bool:
+    """Whether two references name the same model as far as the config can tell (the planner
+    compares the folders they resolve to): `./base` and `base/` are the same path."""
+    return a is not None and b is not None and os.path.normpath(a) == os.path.normpath(b)
 
 
 def check_parameters(config: MergeConfig, strategy: Strategy, problems: Problems) -> None:
@@ -104,11 +109,6 @@ def check_models(config: MergeConfig, strategy: Strategy, problems: Problems) ->
                          f"{strategy.name} needs a base_model to take task vectors from; add "
                          f"`base_model: <path or Hub name>`" + (" (for the whole config or this slice)"
                                                                 if in_slice else ""))
-        if in_slice and base and strategy.base == "required":
-            sources = next(s for s in config.slices if s.path == path).sources
-            if base not in [src.reference for src in sources]:
-                problems.add(f"{path}.sources", f"the base model {base!r} is not a source of this slice; add it "
-                                                f"with the layer_range its layers come from")
         lo, hi = strategy.min_models, strategy.max_models
         count = len(merged)
         if count < lo or (hi is not None and count > hi):
@@ -118,7 +118,7 @@ def check_models(config: MergeConfig, strategy: Strategy, problems: Problems) ->
                          f"{strategy.name} merges {strategy.models_text()} model(s){besides}, but {what} {count}; "
                          f"change `{'models' if not in_slice else 'sources'}`")
     if (config.slices is None and strategy.base == "unused" and config.base_model
-            and config.base_model not in [e.reference for e in config.models]):
+            and not any(same_model(e.reference, config.base_model) for e in config.models)):
         problems.note("base_model", f"{strategy.name} takes no base model: the base model is the layout of the "
                                     f"output but not merged (mergekit merges it as one more model)")
 
