@@ -62,7 +62,8 @@ class OutputSlice:
 class LayerMap:
     slices: list[OutputSlice]
     identity: bool  # a models: config (output layer k is layer k of every model)
-    _layers: dict = field(default_factory=dict, repr=False)
+    _by_layer: dict = field(default_factory=dict, repr=False)  # id(model) → layer → its tensor names
+    _layout_names: dict | None = field(default=None, repr=False)  # canonical name at layer 0 → layout's name
 
     @property
     def num_layers(self) -> int:
@@ -76,27 +77,26 @@ class LayerMap:
 
     def layer_tensors(self, model: Model, layer: int) -> list[str]:
         """The tensor names of one layer of a model, in checkpoint order."""
-        key = id(model)
-        if key not in self._layers:
+        if id(model) not in self._by_layer:
             index: dict[int, list[str]] = {}
             for name, role in model.roles.items():
                 if role.layer is not None:
                     index.setdefault(role.layer, []).append(name)
-            self._layers[key] = index
-        return self._layers[key].get(layer, [])
+            self._by_layer[id(model)] = index
+        return self._by_layer[id(model)].get(layer, [])
 
     def output_name(self, layout: Model, template: Model, name: str, layer: int) -> str:
         """The output name of ``template``'s layer tensor ``name`` moved to output layer
         ``layer``: as the layout model names that tensor, else as the template does."""
         if template is not layout:
-            if "names0" not in self._layers:  # the layout's layer tensors by their canonical name at layer 0
-                self._layers["names0"] = {}
+            if self._layout_names is None:
+                self._layout_names = {}
                 for n, r in layout.roles.items():
                     at0 = layout.spec.relayer(n, 0) if r.layer is not None else None
                     if at0 is not None:
-                        self._layers["names0"].setdefault(_canonical(layout, at0), n)
+                        self._layout_names.setdefault(_canonical(layout, at0), n)
             at0 = template.spec.relayer(name, 0)
-            own = self._layers["names0"].get(_canonical(template, at0)) if at0 else None
+            own = self._layout_names.get(_canonical(template, at0)) if at0 else None
             if own is not None:
                 return layout.spec.relayer(own, layer) or name
         return template.spec.relayer(name, layer) or name

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .api.errors import MergeError
+from .api.errors import FusionError, MergeError
 from .api.modelfiles import is_tokenizer_file, support_files
 from .checkpoint import TensorInfo
 from .config_tokenizer import bundled_templates, is_template_text
@@ -38,12 +38,20 @@ if TYPE_CHECKING:
 STEP = 8192
 
 
+def _auto_tokenizer() -> Any:
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise FusionError("the config's tokenizer keys need transformers, which is not installed: "
+                          "pip install transformers (or model-fusion[fuse])") from None
+    return AutoTokenizer
+
+
 def load_tokenizer(model: Model) -> Any | None:
     """The model's tokenizer (never with remote code), or None when its folder has none."""
     if not any(is_tokenizer_file(f) for f in support_files(model.folder, model.label)):
         return None
-    from transformers import AutoTokenizer
-
+    AutoTokenizer = _auto_tokenizer()
     try:
         return AutoTokenizer.from_pretrained(str(model.folder), trust_remote_code=False, local_files_only=True)
     except Exception as exc:  # a broken or unsupported tokenizer is the user's to fix
@@ -63,8 +71,6 @@ def _without_unused(model: Model, tokenizer: Any) -> Any:
     unused = {t for t, i in tokenizer.get_vocab().items() if i >= size}
     if not unused:
         return tokenizer
-    from transformers import AutoTokenizer
-
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
         files = Path(tmp) / "tokenizer.json", Path(tmp) / "tokenizer_config.json"
@@ -80,15 +86,13 @@ def _without_unused(model: Model, tokenizer: Any) -> Any:
                 settings[key] = [t for t in settings[key] if (t if isinstance(t, str) else t.get("content")) not in unused]
         for f, content in zip(files, (data, settings)):
             f.write_text(json.dumps(content, ensure_ascii=False), encoding="utf-8")
-        return AutoTokenizer.from_pretrained(tmp, trust_remote_code=False, local_files_only=True)
+        return _auto_tokenizer().from_pretrained(tmp, trust_remote_code=False, local_files_only=True)
 
 
 def _copy(tokenizer: Any) -> Any:
-    from transformers import AutoTokenizer
-
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
-        return AutoTokenizer.from_pretrained(tmp, trust_remote_code=False, local_files_only=True)
+        return _auto_tokenizer().from_pretrained(tmp, trust_remote_code=False, local_files_only=True)
 
 
 def _union(base: Any, tokenizers: Sequence[tuple[Any, int]]) -> Any:
