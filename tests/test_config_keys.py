@@ -198,3 +198,21 @@ def test_every_problem_of_a_config_comes_out_in_one_run(llama, tmp_path, capsys,
     for want in expected:
         assert any(line.startswith(want) for line in lines), (want, lines)
     assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("body, mentions", [
+    ("modules: {{vision_tower: {{models: [{A}]}}}}\n", ["modules.vision_tower", "unknown module", "merge_parts"]),
+    ("models: [{A}]\nslices: [{{sources: [{{model: {B}, layer_range: [0, 4]}}]}}]\n",
+     ["slices", "exactly one of `models`, `slices` or `modules`"]),
+    ("models: [{A}, {B}]\ntokenizer: {{tokens: {{x: {{force: true}}}}}}\n", ["tokenizer.tokens.x", "needs `source:`"]),
+    ("models: [{A}, {B}]\ntokenizer: {{tokens: {{x: {{source: {{kind: model_token, model: {A}, token: a, token_id: 1}}}}}}}}\n",
+     ["tokenizer.tokens.x.source", "exactly one of `token` or `token_id`"]),
+    ("models: [{A}, {B}]\ntokenizer: {{source: union, pad_to_multiple_of: 0}}\n",
+     ["tokenizer.pad_to_multiple_of", "1 or more"]),
+    ("models: [{A}, {B}]\ntokenizer: {{source: union, padding: 8}}\n", ["tokenizer.padding", "unknown key"]),
+])
+def test_structure_problems_name_their_path(llama, tmp_path, body, mentions):
+    cfg = config(tmp_path, "merge_method: linear\n" + body, **llama)
+    with pytest.raises(fusion.ConfigError) as raised:
+        fusion.plan(cfg)
+    assert all(m in str(raised.value) for m in mentions), str(raised.value)
