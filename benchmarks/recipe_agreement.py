@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -54,9 +55,10 @@ def run_mergekit(mergekit: str, config: Path, out: Path) -> tuple[str | None, fl
     proc = subprocess.run([mergekit, str(config), str(out), "--no-write-model-card", "--quiet",
                            "--random-seed", "42"], capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - start
-    if proc.returncode:
-        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-        return (lines[-1] if lines else f"exit code {proc.returncode}")[:300], seconds
+    if proc.returncode:  # the exception's own line, else the last one
+        lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
+        errors = [line for line in lines if re.match(r"[\w.]*(Error|Exception)\b", line)]
+        return ((errors or lines or [f"exit code {proc.returncode}"])[-1])[:300], seconds
     return None, seconds
 
 

@@ -230,11 +230,14 @@ def parse_yaml(text: str, source: str) -> tuple[Any, dict[str, int]]:
         what = "a NUL byte" if code == 0 else f"the control character U+{code:04X}"
         raise ConfigError("", f"{source}: {what} at line {line}, column {column} is not allowed in YAML; "
                               f"a config is plain text: check the file") from None
+    except yaml.composer.ComposerError as exc:
+        if "another document" not in str(exc):
+            raise _syntax_error(exc, source) from None
+        raise ConfigError("", f"{source}: the file holds several YAML documents (the second starts at line "
+                              f"{exc.problem_mark.line + 1}); a merge config is one document: merge in stages, "
+                              f"one config each, naming the previous output as a model") from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError("", f"{source}: YAML syntax error{where}: {problem}; fix the YAML and retry") from None
+        raise _syntax_error(exc, source) from None
     except RecursionError:
         raise ConfigError("", f"{source}: the YAML is nested too deeply to be a merge config; check the "
                               f"file") from None
@@ -242,6 +245,13 @@ def parse_yaml(text: str, source: str) -> tuple[Any, dict[str, int]]:
         if loader is not None:
             loader.dispose()
     return data, lines
+
+
+def _syntax_error(exc: Exception, source: str) -> ConfigError:
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return ConfigError("", f"{source}: YAML syntax error{where}: {problem}; fix the YAML and retry")
 
 
 class Problems:
