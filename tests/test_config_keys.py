@@ -216,3 +216,17 @@ def test_structure_problems_name_their_path(llama, tmp_path, body, mentions):
     with pytest.raises(fusion.ConfigError) as raised:
         fusion.plan(cfg)
     assert all(m in str(raised.value) for m in mentions), str(raised.value)
+
+
+@pytest.mark.parametrize("default", ['"*"', "null"])
+def test_a_filter_of_any_tensor_is_written_as_mergekit_writes_it(llama, tmp_path, default):
+    cfg = config(tmp_path, f"""\
+        merge_method: linear
+        models: [{{A}}, {{B}}]
+        parameters:
+          weight: [{{{{filter: mlp, value: 2}}}}, {{{{filter: {default}, value: 0.5}}}}]
+        """, **llama)
+    with fusion.plan(cfg) as plan:
+        weights = {t.name: t.params["weight"] for t in plan.tensors if t.action == "merge"}
+    assert weights["model.layers.0.mlp.up_proj.weight"] == [2.0, 2.0]
+    assert weights["model.layers.0.self_attn.q_proj.weight"] == [0.5, 0.5]

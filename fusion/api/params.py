@@ -128,10 +128,11 @@ class Param:
                     if extra or "value" not in entry:
                         raise ConfigError(p, "a filter entry is {filter: <substring>, value: <value>}; "
                                              "the last entry may omit filter", lines.get(p))
-                    if "filter" not in entry and i != len(value) - 1:
+                    default = entry.get("filter") in (None, "*")  # mergekit's ways to write "any tensor"
+                    if default and i != len(value) - 1:
                         raise ConfigError(p, "only the last entry may omit `filter` (it is the default)",
                                           lines.get(p))
-                    if "filter" in entry and not isinstance(entry["filter"], str):
+                    if not default and not isinstance(entry["filter"], str):
                         raise ConfigError(f"{p}.filter", "a filter is a substring of tensor names", lines.get(p))
                     self.check_value(entry["value"], f"{p}.value", lines, nested=True)
                 return
