@@ -28,7 +28,7 @@ for name, folder in mapped.items():
 setup(
     packages=packages,
     package_dir={"fusion": "fusion", **mapped},
-    package_data={"fusion.registry": ["*.yaml"]},
+    package_data={"fusion.registry": ["*.yaml", "chat_templates/*.jinja"]},
     exclude_package_data={"fusion": ["csrc/*"]},
     ext_modules=[Extension(
         "fusion.api._kernels",

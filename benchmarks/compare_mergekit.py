@@ -8,6 +8,9 @@ dtype, bf16 here) and with `dtype: float32` (the math in float32, as fusion alwa
 
     .venv/bin/python benchmarks/compare_mergekit.py --mergekit /path/to/venv/bin/mergekit-yaml \
         [--shape tiny|qwen2-0.5b] [--sets /tmp/fusion-sets] [--methods ties sce ...] [--repeats 1]
+    .venv/bin/python benchmarks/compare_mergekit.py --mergekit ... --recipes tests/recipes [--only 01 17]
+
+With `--recipes DIR`, it runs published recipes instead (benchmarks/recipe_agreement.py).
 
 Agreement classes for a tensor (both outputs bf16): `same` (every bit), `≤1 ulp` (every element
 within one bf16 ulp of the larger magnitude), else `differs`; the share of all elements more
@@ -232,7 +235,18 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--fusion-args", default="", help="extra arguments for fusion merge, e.g. '--kernel torch'")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--recipes", type=Path, metavar="DIR",
+                    help="instead: run the published recipes in DIR (e.g. tests/recipes) on tiny stand-ins and "
+                         "report, per recipe, whether each tool merges it and how far apart the outputs are")
+    ap.add_argument("--only", nargs="+", metavar="PREFIX", help="with --recipes: only the recipes named so")
     args = ap.parse_args()
+    if args.recipes:
+        from recipe_agreement import run as run_recipes
+
+        args.sets.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=args.sets) as tmp:
+            run_recipes(args.recipes, args.mergekit, Path(tmp), args.sets / "recipe-standins", args.only, args.json)
+        return
 
     mk_python = Path(args.mergekit).read_text().splitlines()[0].removeprefix("#!").strip()
     paths = make_set(args.shape, args.sets / args.shape)

@@ -29,7 +29,7 @@ def model_card(plan: Plan, resolved: dict) -> str:
         yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(),
         "---",
         "",
-        "# Merged model",
+        f"# {plan.config.name or 'Merged model'}",
         "",
         f"This model was made with fusion by merging the models below with {method}: {s.description}",
         "",
@@ -71,6 +71,7 @@ def provenance(plan: Plan) -> dict[str, Any]:
     resolved = plan.resolve_options.resolved
     return {
         "fusion_version": __version__,
+        "name": plan.config.name,
         "merge_method": plan.strategy.name,
         "random_seed": plan.random_seed,
         "inputs": [{

@@ -17,17 +17,18 @@ from typing import Any, Mapping
 from .api.architecture import PARTS
 from .api.dtypes import output_dtype
 from .api.errors import ConfigError
+from .config_slices import SliceEntry, parse_layered
+from .config_tokenizer import TokenizerEntry, parse_chat_template, parse_tokenizer
 from .configfile import Document, Problems, model_reference, parse_document, read_document
+from .host import strategies
 
-TOP_LEVEL_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "layout_from",
+TOP_LEVEL_KEYS = ("merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype",
+                  "out_dtype", "tokenizer_source", "tokenizer", "chat_template", "name", "layout_from",
                   "merge_parts", "carry_unmatched", "random_seed")
-UNSUPPORTED = {
-    "slices": "slices are not supported; list whole models under `models`",
-    "tokenizer_source": "tokenizer_source is not supported; the tokenizer is copied from the layout model "
-                        "(set `layout_from` to choose it)",
-    "tokenizer": "tokenizer is not supported; the tokenizer is copied from the layout model "
-                 "(set `layout_from` to choose it)",
-    "chat_template": "chat_template is not supported; the chat template is copied from the layout model",
+#: Keys published configs put at the top level that belong elsewhere (mergekit ignores them there).
+MISPLACED = {
+    "pad_to_multiple_of": "pad_to_multiple_of belongs in the tokenizer block: `tokenizer: {pad_to_multiple_of: 8}` "
+                          "(mergekit ignores it here, so its merges were not padded)",
 }
 
 
@@ -41,11 +42,21 @@ class ModelEntry:
 @dataclass
 class MergeConfig:
     merge_method: str
-    models: list[ModelEntry]
+    models: list[ModelEntry]  # a `models:` config; empty when it has `slices`
     base_model: str | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
-    dtype: str | None = None
-    out_dtype: str | None = None  # safetensors dtype code (BF16, F16, F32)
+    dtype: str | None = None  # safetensors dtype code (BF16, F16, F32, F64)
+    out_dtype: str | None = None
+    #: output slices of a `slices:` (or `modules: {default: {slices: ...}}`) config; None: `models:`
+    slices: list[SliceEntry] | None = None
+    #: parameters of `modules.default`, between the slices' and the top-level ones
+    module_parameters: dict[str, Any] = field(default_factory=dict)
+    module_path: str = ""
+    tokenizer: TokenizerEntry | None = None  # None: the layout model's tokenizer, as it is
+    chat_template: str | None = None
+    name: str | None = None
+    #: things the config sets that are accepted but worth saying (settings without effect)
+    notices: list[str] = field(default_factory=list)
     layout_from: str | None = None
     #: parts merged (language_model, vision_tower, projector); None: the architecture's defaults
     merge_parts: tuple[str, ...] | None = None
@@ -61,6 +72,21 @@ class MergeConfig:
     #: problems found while reading it, not raised yet (``check=False``): the planner adds the
     #: strategy's and reports them all together
     problems: list[ConfigError] = field(default_factory=list)
+
+    @property
+    def output_dtype(self) -> str | None:
+        """The dtype merged tensors are written in: ``out_dtype``, else ``dtype`` (the math is
+        float32 either way); None: each tensor's dtype in the layout model."""
+        return self.out_dtype or self.dtype
+
+    @property
+    def references(self) -> list[str]:
+        """Every model the merge reads, each once, in config order (base model first)."""
+        refs = [self.base_model] if self.base_model else []
+        refs += [m.reference for m in self.models]
+        for s in self.slices or ():
+            refs += ([s.base_model] if s.base_model else []) + [src.reference for src in s.sources]
+        return list(dict.fromkeys(refs))
 
     def line(self, path: str) -> int | None:
         return self.lines.get(path)
@@ -110,14 +136,23 @@ def _from_document(doc: Document) -> MergeConfig:
         raise ConfigError("", f"{doc.name}: the config must be a YAML mapping with merge_method and models; "
                               f"see README.md for an example")
     problems = Problems(lines)
-    for key in data:
-        if key in UNSUPPORTED:
-            problems.add(str(key), UNSUPPORTED[key])
-        elif key not in TOP_LEVEL_KEYS:
-            problems.add(str(key), f"unknown key; allowed keys: {', '.join(TOP_LEVEL_KEYS)}")
     method = data.get("merge_method")
     if not isinstance(method, str) or not method:
         problems.add("merge_method", "merge_method is required (e.g. merge_method: task_arithmetic)")
+    # the strategy is checked by the planner; here it only says where a misplaced key belongs
+    known = strategies()
+    strategy = known.get(method) if isinstance(method, str) else None
+    declared = {p.name: s.name for s in known.values() for p in s.parameters}
+    hints = dict(MISPLACED)
+    for key in data:
+        if strategy is not None and strategy.param(str(key)) is not None:
+            hints[key] = (f"{key} is a parameter of {strategy.name}: put it under `parameters:` (mergekit "
+                          f"ignores it here, so its merges used the default)")
+        elif key in declared:
+            hints[key] = (f"{key} is a parameter of {declared[key]}"
+                          + (f", not of {strategy.name}" if strategy else "") + ": remove it, or put it under "
+                          "`parameters:` for a method that takes it (mergekit ignores it here)")
+    problems.known_keys(data, TOP_LEVEL_KEYS, "", "allowed keys", hints)
 
     def reference(path: str, value: Any, required: bool = False) -> str | None:
         if value is None and not required:
@@ -126,19 +161,21 @@ def _from_document(doc: Document) -> MergeConfig:
             return model_reference(value, path, lines)
         return None
 
+    layered = parse_layered(data, problems, reference)
     models = []
-    raw_models = data.get("models")
-    if not isinstance(raw_models, list) or not raw_models:
-        problems.add("models", "models must be a non-empty list of entries like `- model: ./my-finetune`")
+    raw_models = layered.models if layered.slices is None else []
+    if not isinstance(raw_models, list):
+        problems.add(layered.models_path, "models must be a non-empty list of entries like `- model: ./my-finetune`")
         raw_models = []
     for i, entry in enumerate(raw_models):
-        p = f"models[{i}]"
+        p = f"{layered.models_path}[{i}]"
         if isinstance(entry, str):
             entry = {"model": entry}
         if not isinstance(entry, Mapping) or "model" not in entry:
             problems.add(p, "each entry needs a `model:` (a path or Hub name) and optional `parameters:`")
             continue
-        problems.known_keys(entry, ("model", "parameters"), p, "a model entry has")
+        entry_hints = {k: f"{k} is a parameter: put it under `parameters:`" for k in entry if k in declared}
+        problems.known_keys(entry, ("model", "parameters"), p, "a model entry has", entry_hints)
         params = problems.mapping(entry.get("parameters"), f"{p}.parameters", "{weight: 0.5}")
         ref = reference(f"{p}.model", entry["model"], True)
         if ref is not None:
@@ -151,7 +188,7 @@ def _from_document(doc: Document) -> MergeConfig:
             return None
         found = output_dtype(value)
         if found is None:
-            problems.add(key, f"unknown dtype {value!r}; use float32, float16 or bfloat16")
+            problems.add(key, f"unknown dtype {value!r}; use bfloat16, float16, float32 or float64")
             return None
         return found.code
 
@@ -173,6 +210,9 @@ def _from_document(doc: Document) -> MergeConfig:
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
         problems.add("random_seed", f"random_seed is a whole number from 0 to 2^64 - 1, not {seed!r}")
         seed = None
+    name = data.get("name")
+    if name is not None and not isinstance(name, (str, int, float)):
+        problems.add("name", f"name is the merge's name (text), not {name!r}")
 
     config = MergeConfig(
         merge_method=method if isinstance(method, str) else "",
@@ -181,6 +221,12 @@ def _from_document(doc: Document) -> MergeConfig:
         parameters=dict(params),
         dtype=dtype("dtype"),
         out_dtype=dtype("out_dtype"),
+        slices=layered.slices,
+        module_parameters=layered.module_parameters,
+        module_path=layered.module_path,
+        tokenizer=parse_tokenizer(data, problems, reference),
+        chat_template=parse_chat_template(data.get("chat_template"), problems),
+        name=str(name).strip() if isinstance(name, (str, int, float)) else None,
         layout_from=reference("layout_from", data.get("layout_from")),
         merge_parts=merge_parts,
         carry_unmatched=carry_unmatched is True,
@@ -190,4 +236,5 @@ def _from_document(doc: Document) -> MergeConfig:
         lines=lines,
         problems=problems.errors,
     )
+    config.notices = list(problems.notes)
     return config

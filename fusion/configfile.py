@@ -7,6 +7,7 @@ config are taken from the config file's folder (:attr:`Document.base_dir`).
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from contextlib import contextmanager
@@ -229,11 +230,14 @@ def parse_yaml(text: str, source: str) -> tuple[Any, dict[str, int]]:
         what = "a NUL byte" if code == 0 else f"the control character U+{code:04X}"
         raise ConfigError("", f"{source}: {what} at line {line}, column {column} is not allowed in YAML; "
                               f"a config is plain text: check the file") from None
+    except yaml.composer.ComposerError as exc:
+        if "another document" not in str(exc):
+            raise _syntax_error(exc, source) from None
+        raise ConfigError("", f"{source}: the file holds several YAML documents (the second starts at line "
+                              f"{exc.problem_mark.line + 1}); a merge config is one document: merge in stages, "
+                              f"one config each, naming the previous output as a model") from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError("", f"{source}: YAML syntax error{where}: {problem}; fix the YAML and retry") from None
+        raise _syntax_error(exc, source) from None
     except RecursionError:
         raise ConfigError("", f"{source}: the YAML is nested too deeply to be a merge config; check the "
                               f"file") from None
@@ -243,15 +247,28 @@ def parse_yaml(text: str, source: str) -> tuple[Any, dict[str, int]]:
     return data, lines
 
 
+def _syntax_error(exc: Exception, source: str) -> ConfigError:
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return ConfigError("", f"{source}: YAML syntax error{where}: {problem}; fix the YAML and retry")
+
+
 class Problems:
-    """Collects the problems of one config; :meth:`done` raises them all at once."""
+    """Collects the problems of one config; :meth:`done` raises them all at once. Notes (things
+    accepted but worth saying, such as a setting that has no effect) are kept in :attr:`notes`."""
 
     def __init__(self, lines: Mapping[str, int]):
         self.lines = lines
         self.errors: list[ConfigError] = []
+        self.notes: list[str] = []
 
     def add(self, path: str, message: str) -> None:
         self.errors.append(ConfigError(path, message, self.lines.get(path)))
+
+    def note(self, path: str, message: str) -> None:
+        line = self.lines.get(path)
+        self.notes.append(f"{path}" + (f" (line {line})" if line else "") + f": {message}")
 
     @contextmanager
     def collect(self) -> Iterator[None]:
@@ -279,11 +296,17 @@ class Problems:
         return value
 
     def known_keys(self, data: Mapping, allowed: Sequence[str], prefix: str = "",
-                   what: str = "allowed keys") -> None:
+                   what: str = "allowed keys", hints: Mapping[str, str] | None = None) -> None:
+        """A problem for each key of ``data`` not in ``allowed``: the hint given for it, else the
+        allowed key it is a likely typo of, else the allowed keys."""
         for key in data:
             if key not in allowed:
                 path = f"{prefix}.{key}" if prefix else str(key)
-                self.add(path, f"unknown key; {what}: {', '.join(allowed)}")
+                hint = (hints or {}).get(str(key))
+                close = difflib.get_close_matches(str(key), [str(a) for a in allowed], n=1, cutoff=0.75)
+                if hint is None and close:
+                    hint = f"did you mean `{close[0]}`?"
+                self.add(path, f"unknown key; {hint or f'{what}: ' + ', '.join(allowed)}")
 
 
 def model_reference(value: Any, path: str, lines: Mapping[str, int]) -> str:

@@ -26,8 +26,8 @@ from .api.resolver import ResolveOptions
 from .config import MergeConfig, load_config
 from .planner import Plan, build_plan
 from .stream import Summary, execute, select_kernel
-from .writer import (atomic_folder, check_output, copy_support_files, output_folder, parse_size, refuse_existing,
-                     write_config)
+from .vocabulary import write_tokenizer
+from .writer import atomic_folder, check_output, output_folder, parse_size, refuse_existing, write_config
 
 #: What the API takes as a config: a YAML file, data shaped like one, or a parsed config.
 ConfigLike = Union[str, Path, Mapping[str, Any], MergeConfig]
@@ -95,9 +95,9 @@ def write(plan: Plan, output: str | Path, *, force: bool = False, kernel: str = 
     notes: list[str] = []
     with atomic_folder(output, force, notes) as tmp:
         summary = execute(plan, tmp, shard_size=shard_size, kernel=kernel, threads=threads, progress=progress)
-        out_dtype = DTYPES[plan.config.out_dtype].name if plan.config.out_dtype else None
-        write_config(tmp, plan.layout.checkpoint.config, out_dtype)
-        copy_support_files(plan.layout.folder, tmp, label=plan.layout.label)
+        out_dtype = DTYPES[plan.config.output_dtype].name if plan.config.output_dtype else None
+        write_config(tmp, plan.output_config, out_dtype)
+        write_tokenizer(plan, tmp)
         (tmp / "fusion.json").write_text(json.dumps(provenance(plan), indent=2) + "\n")
         if card:
             (tmp / "README.md").write_text(model_card(plan, plan.resolve_options.resolved))

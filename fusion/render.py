@@ -35,12 +35,13 @@ def describe(plan: Plan) -> dict[str, Any]:
         "architectures": {m.label: m.spec.name for m in plan.inputs},
         "download_bytes": {m.label: m.checkpoint.download_bytes for m in plan.inputs},
         "notices": plan.notices,
+        "layers": plan.layers.describe() if plan.layers else [],
         "parts": parts_summary(plan),
         "tensors": [{
             "name": t.name, "canonical": t.canonical, "role": t.role, "part": part_of(t.role), "layer": t.layer,
             "shape": list(t.shape), "dtype": t.dtype, "action": t.action, "note": t.note,
             "base": src(t.base), "inputs": [src(s) for s in t.inputs], "carry_from": src(t.carry_from),
-            "params": t.params, "rows": t.rows,
+            "params": t.params, "rows": t.rows, "vocabulary": t.vocab is not None,
         } for t in plan.tensors],
     }
 
@@ -59,6 +60,21 @@ def parts_summary(plan: Plan) -> dict[str, dict[str, Any]]:
             if t.carry_from[0].label not in entry["carried_from"]:
                 entry["carried_from"].append(t.carry_from[0].label)
     return out
+
+
+def _span(a: int, b: int) -> str:
+    return f"{a}" if a == b else f"{a}-{b}"
+
+
+def layer_lines(plan: Plan) -> list[str]:
+    """Per output slice, the output layers and the input layers each source gives them."""
+    lines = [f"layers      {plan.layers.num_layers} output layers:"]
+    for run in plan.layers.describe():
+        out = _span(*run["output"])
+        sources = " + ".join(f"{s['model']} {_span(*s['layers'])}" + (" (base)" if s["base"] else "")
+                             for s in run["sources"])
+        lines.append(f"            {out:>7} <- {sources}   [{run['slice']}]")
+    return lines
 
 
 def _tensor_line(t: TensorPlan, width: int) -> str:
@@ -83,6 +99,8 @@ def render(plan: Plan) -> str:
     lines.append(f"layout      {plan.layout.label}  [{plan.layout.spec.name}]")
     if plan.random_seed is not None:
         lines.append(f"seed        {plan.random_seed}")
+    if plan.layers is not None and not plan.layers.identity:
+        lines += layer_lines(plan)
     width = max((len(t.name) for t in plan.tensors), default=10)
     parts = parts_summary(plan)
     if not parts.keys() & {"vision_tower", "projector"}:  # a text model: one list, in file order

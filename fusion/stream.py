@@ -103,8 +103,9 @@ def _merge_one_c(tp: TensorPlan, strategy: Strategy, layout: Checkpoint, threads
     sources = [(model.checkpoint, info) for model, info in tp.merge_sources]
     if not kernels.supports(DTYPES[tp.dtype].name) or any(
             ckpt.format != "safetensors" or not kernels.supports(DTYPES[info.dtype].name)
-            for ckpt, info in sources) or (tp.rows is not None and layout.format != "safetensors"):
-        return None
+            for ckpt, info in sources) or (tp.rows is not None and (
+                layout.format != "safetensors" or layout.tensors[tp.name].dtype != tp.dtype)):
+        return None  # (rows carried from the layout model are copied as bytes: they need its dtype)
     rows = tp.rows if tp.rows is not None else (tp.shape[0] if tp.shape else 1)
     n = rows * math.prod(tp.shape[1:])  # the merged rows are a prefix of every input
     inputs = [ckpt.buffer(info.name, n) for ckpt, info in sources]
@@ -150,8 +151,10 @@ def _merge_one(tp: TensorPlan, strategy: Strategy, layout: Checkpoint) -> Any:
     full = torch.empty(tp.shape, dtype=getattr(torch, DTYPES[tp.dtype].name))
     out = full[:rows] if tp.rows is not None else full  # merged rows; the rest are carried below
     for sl in _row_chunks(tp.shape, rows, elementwise):
-        # fresh float32 copies: inputs are read-only maps and strategies may work in place
-        chunk = [v[sl].to(torch.float32, copy=True) for v in views]
+        # fresh float32 copies: inputs are read-only maps and strategies may work in place; the
+        # rows of a built vocabulary are gathered from each model's own rows and defaults
+        chunk = tp.vocab.gather(views, sl) if tp.vocab is not None else \
+            [v[sl].to(torch.float32, copy=True) for v in views]
         base, inputs = (chunk[0], chunk[1:]) if tp.base else (None, chunk)
         try:
             context = tp.context if sl is ... or sl.start == 0 else \
@@ -167,7 +170,7 @@ def _merge_one(tp: TensorPlan, strategy: Strategy, layout: Checkpoint) -> Any:
             raise MergeError(f"strategy returned {got} for tensor {tp.name}, expected shape {list(target.shape)}")
         target.copy_(result)
         del chunk, base, inputs, result
-        if elementwise and isinstance(sl, slice):
+        if elementwise and isinstance(sl, slice) and tp.vocab is None:
             # the rows just merged are not read again: keep resident memory at a few chunks
             # instead of the whole tensor in every input (an embedding is ~300 MB per model)
             for model, info in tp.merge_sources:
@@ -267,7 +270,7 @@ def execute(plan: Plan, folder: Path, *, shard_size: int, kernel: str = "auto",
                 summary.carried += 1
             else:
                 out = None
-                if kernel_name == "c":
+                if kernel_name == "c" and tp.vocab is None:  # gathered vocabulary rows take the torch path
                     out = _merge_one_c(tp, plan.strategy, plan.layout.checkpoint, threads)
                     fallback += out is None
                 if out is None:
@@ -290,8 +293,8 @@ def execute(plan: Plan, folder: Path, *, shard_size: int, kernel: str = "auto",
         bar.close()
     if fallback:
         summary.notices.append(f"{fallback} tensor(s) the C kernels cannot read (a dtype other than "
-                               f"bf16/fp16/fp32, or a pytorch_model.bin input) were merged by the "
-                               f"torch reference")
+                               f"bf16/fp16/fp32, a pytorch_model.bin input, or vocabulary rows of the "
+                               f"layout model carried into another dtype) were merged by the torch reference")
     summary.bytes_written = total
     summary.seconds = time.perf_counter() - start
     return summary

@@ -103,6 +103,19 @@ class Sce(fusion.Strategy):
         return bad
 
 
+    def deviations(self, params, compute_dtype):
+        from fusion.api.strategy import float32_note, tie_break_note
+
+        notes = [float32_note(self.name, compute_dtype),
+                 tie_break_note() if any(p["select_topk"] < 1 for p in params) else None,
+                 "SCE weights: fusion weights each model by its squared deltas however small they are; mergekit "
+                 "uses uniform weights for a tensor whose mean squared deltas sum to less than 1e-6"]
+        lambdas = sorted({p["lambda"] for p in params} - {1.0})
+        if lambdas:
+            notes.append(f"lambda = {', '.join(f'{x:g}' for x in lambdas)} scales SCE's merged task vector; "
+                         f"mergekit's sce has no lambda (it ignores one)")
+        return [n for n in notes if n]
+
 @fusion.hookimpl
 def register_strategies(register: Callable[[fusion.Strategy], None]) -> None:
     register(Sce())

@@ -14,7 +14,6 @@ from fusion.api import vectors
 
 if TYPE_CHECKING:
     import numpy as np
-    import torch
 
 
 def _interpolate(t: float, theta: "np.ndarray", linear: "np.ndarray") -> "np.ndarray":

@@ -411,9 +411,12 @@ CONFIG_CASES = {
     "unknown-top-level-key": (
         "models: [{chat}, {code}]\nmerge_options: {{fast: true}}\n",
         ["merge_options (line 4)", "unknown key"]),
-    "unsupported-mergekit-key": (
-        "models: [{chat}, {code}]\ntokenizer_source: base\n",
-        ["tokenizer_source", "not supported"]),
+    "misplaced-parameter": (
+        "models: [{chat}, {code}]\nlambda: 0.5\n",
+        ["lambda (line 4)", "unknown key", "parameter of task_arithmetic", "under `parameters:`"]),
+    "typo-of-a-key": (
+        "models: [{chat}, {code}]\ndype: float16\n",
+        ["dype (line 4)", "did you mean `dtype`?"]),
     "unknown-key-in-model-entry": (
         "models:\n  - model: {chat}\n    weight: 0.5\n  - model: {code}\n",
         ["models[0].weight", "unknown key"]),

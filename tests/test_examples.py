@@ -8,15 +8,13 @@ from pathlib import Path
 import pytest
 
 import fusion
-from fusion.host import get_strategy
-from fusion.parameters import check_parameters
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def test_viscodex_recipe_is_valid():
-    config = fusion.load(EXAMPLES / "viscodex.yaml")
-    check_parameters(config, get_strategy(config.merge_method, "merge_method"))
+    config = fusion.load(EXAMPLES / "viscodex.yaml")  # reading a config checks it against its strategy
+    assert config.notices == []
     assert config.layout_from == "Qwen/Qwen2.5-VL-7B-Instruct" and config.base_model == "Qwen/Qwen2.5-7B"
     assert [(m.reference, m.parameters["weight"]) for m in config.models] == [
         ("Qwen/Qwen2.5-VL-7B-Instruct", 0.7), ("Qwen/Qwen2.5-Coder-7B-Instruct", 0.3)]

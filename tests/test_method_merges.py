@@ -106,7 +106,7 @@ def test_methods_without_a_base_say_what_base_model_does(tiny, models, listed):
         merged = [t for t in plan.tensors if t.action == "merge"]
         assert all(t.base is None and len(t.inputs) == 2 for t in merged)
         (note,) = [n for n in plan.notices if "base_model" in n]
-        assert ("only where it is listed" in note) is listed
+        assert ("only because it is listed" in note) is listed
         assert "layout model" in note
 
 

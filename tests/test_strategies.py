@@ -385,7 +385,7 @@ def test_declared_defaults_are_accepted_by_merge(inputs):
 @pytest.mark.parametrize("strategy,name,value", [
     (Ties(), "density", 1.5),
     (Ties(), "density", -0.1),
-    (Ties(), "normalize", "yes"),
+    (Ties(), "normalize", 0.5),  # 1.0, 0 and "yes" are booleans, as mergekit reads them
     (Ties(), "weight", "heavy"),
     (Sce(), "select_topk", 0),
     (Sce(), "select_topk", 1.01),
@@ -404,6 +404,8 @@ def test_invalid_params_are_rejected(strategy, name, value):
     (Ties(), "density", 0.01),
     (Ties(), "density", 0.0),
     (Ties(), "weight", -2),
+    (Ties(), "normalize", 1.0),
+    (Ties(), "normalize", 0),
     (Sce(), "select_topk", 1.0),
     (Sce(), "select_topk", 0.1),
     (Sce(), "select_scope", "weights"),

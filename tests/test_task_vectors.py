@@ -418,7 +418,7 @@ def test_mergekit_parameter_set_and_defaults(name, normalize, rescale, extra):
 
 @pytest.mark.parametrize("name,param,value", [
     ("dare_ties", "density", 1.01), ("dare_ties", "density", -0.1), ("breadcrumbs", "gamma", -0.01),
-    ("breadcrumbs_ties", "gamma", 1.5), ("della", "epsilon", -0.1), ("ties", "int8_mask", 1),
+    ("breadcrumbs_ties", "gamma", 1.5), ("della", "epsilon", -0.1), ("ties", "int8_mask", 2),
 ])
 def test_nonsense_values_are_refused(name, param, value):
     with pytest.raises(fusion.ConfigError, match=param):

@@ -173,6 +173,18 @@ class ArchitectureSpec:
             return TensorRole(canonical=canonical, role=rule.role, layer=layer, merge=merge)
         return None
 
+    def relayer(self, name: str, layer: int) -> str | None:
+        """``name`` with its layer index replaced by ``layer``: the same tensor in another layer
+        (e.g. of a layer-stacked output); None for a tensor outside the layers."""
+        for regex, _ in self._compiled:
+            m = regex.match(name)
+            if m:
+                if m.groupdict().get("layer") is None:
+                    return None
+                start, end = m.span("layer")
+                return f"{name[:start]}{layer}{name[end:]}"
+        return None
+
     def describe(self) -> dict:
         return {
             "name": self.name,
@@ -195,6 +207,10 @@ class ExactNames(ArchitectureSpec):
         m = self._LAYER.search(name)
         return TensorRole(canonical=name, role="layer" if m else "other",
                           layer=int(m.group(1)) if m else None)
+
+    def relayer(self, name: str, layer: int) -> str | None:
+        m = self._LAYER.search(name)
+        return f"{name[:m.start(1)]}{layer}{name[m.end(1):]}" if m else None
 
 
 def load_architecture_file(path: str | Path) -> ArchitectureSpec:

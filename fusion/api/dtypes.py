@@ -18,7 +18,7 @@ class Dtype:
 
 
 DTYPES: dict[str, Dtype] = {d.code: d for d in (
-    Dtype("F64", "float64", 8, True),
+    Dtype("F64", "float64", 8, True, ("float64", "fp64", "double")),
     Dtype("F32", "float32", 4, True, ("float32", "fp32", "float")),
     Dtype("F16", "float16", 2, True, ("float16", "fp16", "half")),
     Dtype("BF16", "bfloat16", 2, True, ("bfloat16", "bf16")),
@@ -43,8 +43,9 @@ def from_name(name: str) -> Dtype | None:
 
 
 def output_dtype(alias: object) -> Dtype | None:
-    """The output dtype a config names (``bf16``, ``float16``…), or None for anything else."""
-    return _BY_ALIAS.get(alias) if isinstance(alias, str) else None
+    """The output dtype a config names (``bf16``, ``float16``, ``torch.float16``…), or None for
+    anything else."""
+    return _BY_ALIAS.get(alias.removeprefix("torch.")) if isinstance(alias, str) else None
 
 
 def nbytes(code: str, shape: tuple[int, ...]) -> int:

@@ -33,6 +33,22 @@ SUPPORT_FOLDERS = ("additional_chat_templates",)
 MAX_JSON_BYTES = 256 << 20
 
 
+#: The support files that make up a tokenizer (with its chat templates): replaced together when
+#: the output gets a tokenizer of its own.
+TOKENIZER_FILES = frozenset({
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "merges.txt",
+})
+
+
+def is_tokenizer_file(path: str) -> bool:
+    """Whether the support file ``path`` belongs to the tokenizer (or its chat templates)."""
+    folder, _, name = path.rpartition("/")
+    if folder:
+        return folder == "additional_chat_templates"
+    return name in TOKENIZER_FILES or any(fnmatch.fnmatchcase(name, g) for g in SUPPORT_GLOBS)
+
+
 def is_support_file(path: str) -> bool:
     """Whether ``path`` (relative to the model folder, ``/``-separated) is a support file."""
     folder, _, name = path.rpartition("/")

@@ -9,6 +9,9 @@ from typing import Any, Mapping
 from .errors import ConfigError
 
 _TYPE_NAMES = {float: "number", int: "integer", bool: "true/false", str: "string"}
+#: The words a boolean may be written as (with 0/1 and 0.0/1.0), as pydantic reads them.
+_BOOL_WORDS = {**dict.fromkeys(("true", "t", "yes", "y", "on", "1"), True),
+               **dict.fromkeys(("false", "f", "no", "n", "off", "0"), False)}
 
 
 @dataclass(frozen=True)
@@ -45,9 +48,35 @@ class Param:
         hi_v = "inf" if self.maximum is None else f"{self.maximum:g}"
         return f"{lo}{lo_v}, {hi_v}{hi}"
 
+    def coerce(self, value: Any) -> Any:
+        """``value`` in the declared type, read as mergekit's configs are (pydantic's lax mode):
+        ``1.0``/``0`` and ``"yes"``/``"off"`` are booleans, ``"0.5"`` is a number, ``10.0`` an
+        integer; anything else is returned as it is, for :meth:`check` to refuse."""
+        t = self.type
+        if t is bool:
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value in (0, 1):
+                return bool(value)
+            if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+                return _BOOL_WORDS[value.strip().lower()]
+        elif t in (int, float):
+            if isinstance(value, str):
+                try:
+                    value = float(value.strip())
+                except ValueError:
+                    return value
+            elif isinstance(value, bool):
+                value = float(value)
+            try:
+                if isinstance(value, (int, float)) and (t is float or float(value).is_integer()):
+                    return t(value)
+            except OverflowError:  # too large for a float: for check to refuse
+                pass
+        return value
+
     def check(self, value: Any, path: str, line: int | None = None) -> Any:
         """Return ``value`` coerced to the declared type, or raise a ConfigError naming ``path``."""
         t = self.type
+        value = self.coerce(value)
         if t is bool:
             if not isinstance(value, bool):
                 raise ConfigError(path, f"{self.name} must be true or false, not {value!r}", line)
@@ -82,7 +111,7 @@ class Param:
     def check_value(self, value: Any, path: str, lines: Mapping[str, int] | None = None,
                     nested: bool = False) -> None:
         """Validate every leaf of a config value of this parameter: a scalar, a gradient (a list
-        of numbers over the layers) or a filter list (``[{filter: mlp, value: …}, {value: …}]``).
+        of values over the layers: numbers are interpolated, other values are steps) or a filter list (``[{filter: mlp, value: …}, {value: …}]``).
         ``lines`` maps config paths to line numbers for the message."""
         lines = lines or {}
         line = lines.get(path)
@@ -99,15 +128,14 @@ class Param:
                     if extra or "value" not in entry:
                         raise ConfigError(p, "a filter entry is {filter: <substring>, value: <value>}; "
                                              "the last entry may omit filter", lines.get(p))
-                    if "filter" not in entry and i != len(value) - 1:
+                    default = entry.get("filter") in (None, "*")  # mergekit's ways to write "any tensor"
+                    if default and i != len(value) - 1:
                         raise ConfigError(p, "only the last entry may omit `filter` (it is the default)",
                                           lines.get(p))
-                    if "filter" in entry and not isinstance(entry["filter"], str):
+                    if not default and not isinstance(entry["filter"], str):
                         raise ConfigError(f"{p}.filter", "a filter is a substring of tensor names", lines.get(p))
                     self.check_value(entry["value"], f"{p}.value", lines, nested=True)
                 return
-            if self.type not in (int, float):
-                raise ConfigError(path, f"{self.name} is not a number, so it cannot be a gradient list", line)
             if self.type is int and len(value) > 1:
                 raise ConfigError(path, f"{self.name} is an integer, so it cannot be a gradient (between layers "
                                         f"it would take fractional values); give one value or a filter list", line)

@@ -118,6 +118,14 @@ class Strategy:
         for every merged tensor, so a bad value stops the merge before any weight is read."""
         return None
 
+    def deviations(self, params: Sequence[Mapping[str, Any]], compute_dtype: str) -> Sequence[str]:
+        """One line each (``fusion plan`` prints them) for the ways this merge computes
+        differently, on purpose, from mergekit's method of the same name where that changes the
+        result by more than rounding. ``params`` are the parameters resolved for each merged
+        tensor; ``compute_dtype`` is the dtype mergekit computes in for this config (its
+        ``dtype``, else the inputs'), see :func:`float32_note`. The default says nothing."""
+        return ()
+
     @property
     def compiled(self) -> bool:
         """Whether this strategy has a compiled path (overrides :meth:`merge_compiled`)."""
@@ -148,3 +156,19 @@ class Strategy:
 
     def __repr__(self) -> str:
         return f"<Strategy {self.name}>"
+
+
+def float32_note(method: str, compute_dtype: str) -> str | None:
+    """The line for a method mergekit computes in the inputs' dtype: where that is 16-bit, its
+    intermediates (task vectors, partial sums) are rounded, while fusion computes in float32 and
+    rounds once."""
+    if compute_dtype not in ("bfloat16", "float16"):
+        return None
+    return (f"float32 math: mergekit computes {method} in {compute_dtype} here, rounding every intermediate; "
+            f"fusion computes in float32 and rounds once, at the end (set `dtype: float32` to compare)")
+
+
+def tie_break_note() -> str:
+    """The line for a method that keeps the top k entries by a key."""
+    return ("top-k ties: where equal keys straddle the k-th largest, fusion keeps the lower indices and "
+            "mergekit an arbitrary subset of them")
