@@ -3,7 +3,7 @@ mergekit, on a Qwen2-0.5B-shaped base and three bf16 fine-tunes (~1 GB each).
 
     .venv/bin/python benchmarks/kernels.py --dir /tmp/fusion-bench [--shape 0.5b|7b]
         [--methods task_arithmetic ties sce] [--repeats 3] [--threads N]
-        [--mergekit PATH/TO/mergekit-yaml] [--chart kernels.png] [--keep-outputs]
+        [--mergekit PATH/TO/mergekit-yaml [--mergekit-repeats 1]] [--chart kernels.png] [--keep-outputs]
 
 The model set is made under DIR/<shape>/ once and reused. Every merge runs as a fresh process
 (start-up and imports included, as users see it), after one warm-up read of the inputs, so the
@@ -33,6 +33,7 @@ from pathlib import Path
 SHAPES = {"0.5b": "qwen2-0.5b", "7b": "qwen2.5-7b"}
 MODELS = ("base", "ft1", "ft2", "ft3")
 CONFIGS = {
+    "linear": "parameters: {weight: 0.3}",
     "task_arithmetic": "parameters: {weight: 0.3, lambda: 1.0}",
     "ties": "parameters: {weight: 0.3, density: 0.5}",
     "sce": "parameters: {select_topk: 0.1}",
@@ -55,6 +56,8 @@ CONFIGS = {
 }
 #: methods that merge fewer than the three fine-tunes (the first ones are taken)
 MODEL_COUNTS = {"slerp": 1, "nearswap": 1, "arcee_fusion": 1, "passthrough": 1, "nuslerp": 2}
+#: methods that take no base model: their configs name none (mergekit would merge it as one more)
+NO_BASE = {"linear", "karcher", "passthrough"}
 
 # Runs `fusion` in this process and reports its own peak RSS (VmHWM) on stderr.
 FUSION = """
@@ -122,8 +125,8 @@ def io_once(root: Path, out: Path) -> tuple[dict[str, float], float]:
 
 
 def used_models(method: str) -> tuple[str, ...]:
-    """The base and the fine-tunes a method's config names."""
-    return MODELS[:1 + MODEL_COUNTS.get(method, 3)]
+    """The base (where the method takes one) and the fine-tunes a method's config names."""
+    return MODELS[1 if method in NO_BASE else 0:1 + MODEL_COUNTS.get(method, 3)]
 
 
 def timed(cmd: list[str]) -> tuple[float, int, str, float]:
@@ -151,6 +154,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--mergekit", default=None, help="path to mergekit-yaml, to time it too")
+    ap.add_argument("--mergekit-repeats", type=int, default=None,
+                    help="runs of mergekit per method (default --repeats; it is the slow one)")
     ap.add_argument("--chart", type=Path, default=None, help="PNG chart (default DIR/<shape>/kernels.png)")
     ap.add_argument("--keep-outputs", action="store_true")
     args = ap.parse_args()
@@ -176,13 +181,15 @@ def main() -> None:
     rows = []
     for method in args.methods:
         cfg = root / f"{method}.yaml"
-        cfg.write_text(f"merge_method: {method}\nbase_model: {root / 'base'}\nmodels:\n"
-                       + "".join(f"  - model: {root / m}\n" for m in used_models(method)[1:])
+        base = "" if method in NO_BASE else f"base_model: {root / 'base'}\n"
+        cfg.write_text(f"merge_method: {method}\n{base}models:\n"
+                       + "".join(f"  - model: {root / m}\n" for m in used_models(method) if m != "base")
                        + f"{CONFIGS[method]}\ndtype: bfloat16\n")
         for name, command in runners:
             out = root / f"out-{method}-{name}"
             walls, peaks, merge_s, cpus = [], [], [], []
-            for _ in range(args.repeats):
+            repeats = args.repeats if name != "mergekit" else (args.mergekit_repeats or args.repeats)
+            for _ in range(repeats):
                 wall, peak, text, cpu = timed(command(cfg, out))
                 walls.append(wall)
                 cpus.append(cpu)

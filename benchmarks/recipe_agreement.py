@@ -12,7 +12,13 @@ of fusion's documented differences (docs/strategies.md) when it is one:
   torch's global one: the same distribution, other draws;
 - `top-k ties`: the entries that differ sit where equal keys straddle the k-th largest (TIES,
   breadcrumbs, SCE's variance), which fusion breaks by index;
-- `sce weights`: mergekit's SCE used uniform weights (mean squared deltas below 1e-6);
+- `sce weights`: mergekit's SCE used uniform weights (the summed mean squares of the selected
+  deltas below 1e-6);
+- `sampled quartiles`: arcee_fusion's threshold, which mergekit takes from a random sample of 10⁶
+  importances in a tensor of more than 10⁶ elements (fusion's quartiles are exact);
+- `float32 divergences`: arcee_fusion's kept entries, where mergekit's float32 row divergences
+  (rounding noise for rows whose softmaxes nearly agree) put other entries past the threshold than
+  fusion's float64 ones: the differing entries are exactly those where the two masks differ;
 - `rounding`: within 1e-5 of the tensor's scale (float32 summation order).
 Anything else is `unexplained` and printed as such.
 """
@@ -134,10 +140,35 @@ def _boundary(method: str, deltas: list, params: dict):
     return out.reshape(shape)
 
 
-def _sce_fallback(deltas: list) -> bool:
+def _arcee_masks_differ(base, other):
+    """Where arcee_fusion's keep mask from float32 divergences (mergekit's, in the inputs' dtype,
+    log(p/q) directly) differs from fusion's float64 one."""
+    from fusion.plugins.arcee_fusion import importance, quantile_positions
+
+    def mask(scores):
+        ranked = scores.reshape(-1).sort().values
+        q1, median, q3 = (ranked[k] for k in quantile_positions(ranked.numel()))
+        return scores >= median + 1.5 * (q3 - q1)
+
+    rows = other.reshape(-1, other.shape[-1]) if other.dim() > 1 else other.reshape(1, -1)
+    p = rows.softmax(-1) + 1e-8
+    q = base.reshape(rows.shape).softmax(-1) + 1e-8
+    theirs = (rows - base.reshape(rows.shape)).abs() * (p * (p / q).log()).sum(-1, keepdim=True)
+    return mask(theirs.reshape(other.shape)) != mask(importance(base, other.clone()))
+
+
+def _sce_fallback(deltas: list, params: dict) -> bool:
+    """Whether mergekit's SCE used uniform weights: the summed mean squares of the selected deltas
+    (the top-k by variance) are below 1e-6."""
     import torch
 
-    return float(torch.stack(deltas).square().reshape(len(deltas), -1).mean(dim=1).sum()) < 1e-6
+    from fusion.api.selection import topk_count, topk_mask
+
+    stacked = torch.stack(deltas)
+    if params.get("select_topk", 1.0) < 1:
+        v = torch.var(stacked, dim=0, unbiased=False)
+        stacked = stacked * topk_mask(v, topk_count(params["select_topk"], int(torch.count_nonzero(v))))
+    return float(stacked.square().reshape(len(deltas), -1).mean(dim=1).sum()) < 1e-6
 
 
 def _inputs(tp) -> list:
@@ -156,11 +187,15 @@ def _cause(method: str, tp, far) -> str:
     """The documented cause of the differing entries ``far`` of tensor ``tp``, or 'unexplained'."""
     if method in RANDOM:
         return "random"
+    if method == "arcee_fusion":
+        if far.numel() > 10**6:
+            return "sampled quartiles"
+        return "float32 divergences" if not bool((far & ~_arcee_masks_differ(*_inputs(tp))).any()) else "unexplained"
     if method not in TOPK or tp.base is None:
         return "unexplained"
     inputs = _inputs(tp)
     deltas = [x - inputs[0] for x in inputs[1:]]
-    if method == "sce" and _sce_fallback(deltas):
+    if method == "sce" and _sce_fallback(deltas, tp.params):
         return "sce weights"
     edge = _boundary(method, deltas, tp.params)
     if edge is None or tp.rows is not None and edge.shape != far.shape:
