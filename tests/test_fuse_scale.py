@@ -48,8 +48,14 @@ def _copy(src: Path, dst: Path, names) -> Path:
     return dst
 
 
+def _env(cwd: Path) -> dict[str, str]:
+    """One thread per process, and torchrun's own temporary folders beside the test's (not in /tmp)."""
+    (cwd.parent / "tmp").mkdir(exist_ok=True)
+    return dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(cwd.parent / "tmp"))
+
+
 def _torchrun(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = _env(cwd)
     return subprocess.Popen([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "fusion", "fuse", *args],
                             cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
@@ -223,7 +229,7 @@ def test_fsdp2_training_gives_the_ddp_result(case, tmp_path):
     keys = [json.loads((cache / store / "manifest.json").read_text())["key"]
             for store in ("represent-pivot", "fused-source_b")]
     (root / "both.py").write_text(TRAIN_BOTH)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = _env(root)
     result = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(root / "both.py"),
                              str(cache), str(root / "pivot"), *keys, str(root)],
                             cwd=root, env=env, capture_output=True, text=True, timeout=600)
