@@ -287,7 +287,8 @@ def _plan_tensors(plan: Plan) -> None:
             tp.base, sources = sources[0], sources[1:]
         tp.inputs = sources
         _resolve(plan, tp, s, i, [(src, f) for src, f in found if src is not s.base])
-        if (problem := plan.strategy.check(tp.params, tp.context)) is not None:
+        checked = plan.strategy.check(tp.params, tp.context) or ()
+        for problem in [checked] if isinstance(checked, str) else checked:
             bad_params.setdefault(problem, []).append(name)
     _report_parameter_problems(config, plan.strategy, bad_params)
     if unmatched:

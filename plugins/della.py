@@ -24,7 +24,7 @@ class Della(TaskVectorMerge):
     parameters = family_parameters(normalize=True, rescale=True, consensus=True, density=DENSITY,
                                    extra=(EPSILON,))
 
-    def check(self, params: Mapping[str, Any], context: fusion.TensorContext) -> str | None:
+    def check(self, params: Mapping[str, Any], context: fusion.TensorContext) -> list[str]:
         return della_problem(params, context)
 
 

@@ -174,13 +174,14 @@ class TaskVectorMerge(fusion.Strategy):
                         rescale=params["rescale"])
 
 
-def della_problem(params: Mapping[str, Any], context: fusion.TensorContext) -> str | None:
+def della_problem(params: Mapping[str, Any], context: fusion.TensorContext) -> list[str]:
     """DELLA's keep probabilities dᵢ ± εᵢ must lie inside (0, 1) where 0 < dᵢ < 1 (mergekit's
-    rule, checked at plan time instead of mid-merge)."""
+    rule, checked at plan time instead of mid-merge): one sentence per model that breaks it."""
+    problems = []
     for i, (d, e) in enumerate(zip(params["density"], params["epsilon"])):
         if 0 < d < 1 and (d + e >= 1 or d - e <= 0):
             model = context.models[i] if i < len(context.models) else f"model {i + 1}"
-            return (f"{model}: density {d:g} with epsilon {e:g} gives keep probabilities from "
-                    f"{d - e:g} to {d + e:g}, but both must lie inside (0, 1); use an epsilon below "
-                    f"{min(d, 1 - d):g} or another density")
-    return None
+            problems.append(f"{model}: density {d:g} with epsilon {e:g} gives keep probabilities from "
+                            f"{d - e:g} to {d + e:g}, but both must lie inside (0, 1); use an epsilon below "
+                            f"{min(d, 1 - d):g} or another density")
+    return problems

@@ -137,7 +137,7 @@ def test_a_drawn_seed_is_reported_and_repeats_the_merge(zoo, tmp_path):
 
 @pytest.mark.parametrize("parameters,first,words", [
     ({"density": 0.9}, {}, ["della: models[0] (FT1): density 0.9 with epsilon 0.15", "inside (0, 1)",
-                            "(tensor model.embed_tokens.weight and"]),
+                            "(tensor model.embed_tokens.weight and", "della: models[1] ("]),
     ({}, {"density": 1.5}, ["models[0].parameters.density", "out of range"]),
     ({"epsilon": -0.1}, {}, ["parameters.epsilon", "out of range"]),
 ])

@@ -441,7 +441,13 @@ def test_int8_mask_changes_nothing():
     (1.0, 0.6, True), (0.0, 0.6, True), (0.3, 0.0, True),
 ])
 def test_della_epsilon_rule(density, epsilon, ok):
-    problem = Della().check({"density": [0.5, density], "epsilon": [0.1, epsilon]}, context((4,), 2))
-    assert (problem is None) is ok
+    problems = Della().check({"density": [0.5, density], "epsilon": [0.1, epsilon]}, context((4,), 2))
+    assert (problems == []) is ok
     if not ok:
+        (problem,) = problems
         assert problem.startswith("m1: density") and "(0, 1)" in problem
+
+
+def test_della_reports_every_model_that_breaks_the_rule():
+    problems = Della().check({"density": [0.1, 0.5], "epsilon": [0.15, 0.6]}, context((4,), 2))
+    assert [p.split(":")[0] for p in problems] == ["m0", "m1"], problems

@@ -111,11 +111,12 @@ class Strategy:
         :meth:`merge`."""
         raise NotImplementedError
 
-    def check(self, params: Mapping[str, Any], context: TensorContext) -> str | None:
-        """A problem with the parameters resolved for one tensor that the declared ranges cannot
-        state (where one parameter's valid range depends on another's), as one sentence that
-        names the model and says how to fix it; None when they are fine. ``fusion plan`` asks
-        for every merged tensor, so a bad value stops the merge before any weight is read."""
+    def check(self, params: Mapping[str, Any], context: TensorContext) -> str | Sequence[str] | None:
+        """The problems with the parameters resolved for one tensor that the declared ranges
+        cannot state (where one parameter's valid range depends on another's), each one sentence
+        that names the model and says how to fix it: a sentence, a list of them, or None (or an
+        empty list) when they are fine. ``fusion plan`` asks for every merged tensor, so a bad
+        value stops the merge before any weight is read."""
         return None
 
     def deviations(self, params: Sequence[Mapping[str, Any]], compute_dtype: str) -> Sequence[str]:
