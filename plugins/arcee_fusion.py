@@ -56,6 +56,16 @@ class ArceeFusion(fusion.Strategy):
     base = "required"
     min_models = max_models = 1
 
+    def deviations(self, params, compute_dtype):
+        from fusion.api.strategy import float32_note
+
+        notes = [float32_note(self.name, compute_dtype),
+                 "arcee_fusion's divergences: fusion computes each row's KL in float64, mergekit in the inputs' dtype "
+                 "(float32 at best), where rows whose softmaxes nearly agree get mostly rounding noise, so other "
+                 "entries can pass the threshold; and fusion's quartiles are exact, where mergekit samples 10⁶ "
+                 "importances of a larger tensor"]
+        return [n for n in notes if n]
+
     def merge(self, base, tensors, params, context):
         import torch
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable
 
 import fusion
+from fusion.api.strategy import float32_deviations
 from fusion.api import vectors
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ class ModelStock(fusion.Strategy):
         fusion.Param("filter_wise", bool, False,
                      help="one t per row (vectors along the last axis) instead of per tensor"),
     )
+    deviations = float32_deviations
 
     def merge(self, base, tensors, params, context):
         layout = _layout(params)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Callable
 
 import fusion
+from fusion.api.strategy import float32_deviations
 
 
 class Nearswap(fusion.Strategy):
@@ -20,6 +21,7 @@ class Nearswap(fusion.Strategy):
         fusion.Param("t", float, None, required=True,
                      help="the distance within which the other model's value is taken (≤ 0: the base)"),
     )
+    deviations = float32_deviations
 
     def merge(self, base, tensors, params, context):
         other = tensors[0]

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import fusion
+from fusion.api.strategy import float32_deviations
 
 if TYPE_CHECKING:
     import torch
@@ -50,6 +51,7 @@ class Ram(fusion.Strategy):
     min_models = 1
     elementwise = True
     parameters = (fusion.Param("epsilon", float, 1e-5, minimum=0.0, help=_CHANGED),)
+    deviations = float32_deviations
 
     def merge(self, base, tensors, params, context):
         deltas, changed, count = _changes(base, tensors, params["epsilon"])
@@ -79,6 +81,7 @@ class RamPlusTL(fusion.Strategy):
         # > 0: it also bounds the ratio's denominator (a model with no unique entry: 0/0 otherwise)
         fusion.Param("epsilon", float, 1e-5, minimum=0.0, exclusive_minimum=True, help=_CHANGED),
     )
+    deviations = float32_deviations
 
     def merge(self, base, tensors, params, context):
         import torch

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import fusion
+from fusion.api.strategy import float32_deviations
 from fusion.api import vectors
 
 if TYPE_CHECKING:
@@ -123,6 +124,7 @@ class Nuslerp(fusion.Strategy):
                      help="without flatten: vectors along axis 0 (columns of a 2-D weight) instead of "
                           "the last axis (rows)"),
     )
+    deviations = float32_deviations
 
     def merge(self, base, tensors, params, context):
         t = _nuslerp_t(params["weight"])

@@ -13,6 +13,7 @@ import math
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import fusion
+from fusion.api.strategy import float32_deviations
 from fusion.api import vectors
 from fusion.plugins.slerp import copy_compiled
 
@@ -71,6 +72,7 @@ class Multislerp(fusion.Strategy):
         fusion.Param("eps", float, 1e-8, minimum=0.0, exclusive_minimum=True,
                      help="added to norms before dividing by them"),
     )
+    deviations = float32_deviations
 
     def merge(self, base, tensors, params, context):
         if len(tensors) == 1:
@@ -145,6 +147,7 @@ class Karcher(fusion.Strategy):
         fusion.Param("tol", float, 1e-5, minimum=0.0,
                      help="stop when a step is shorter; inputs of smaller norm have no direction"),
     )
+    deviations = float32_deviations
 
     def merge(self, base, tensors, params, context):
         if len(tensors) == 1:

@@ -14,11 +14,6 @@ class TaskArithmetic(TaskVectorMerge):
     parameters = family_parameters(normalize=False, rescale=False, consensus=False, density=None)
 
 
-    def deviations(self, params, compute_dtype):
-        from fusion.api.strategy import float32_note
-
-        return [n for n in (float32_note(self.name, compute_dtype),) if n]
-
 @fusion.hookimpl
 def register_strategies(register) -> None:
     register(TaskArithmetic())

@@ -78,6 +78,15 @@ class TaskVectorMerge(fusion.Strategy):
     sparsification = "none"
     consensus = False
 
+    def deviations(self, params, compute_dtype):
+        from fusion.api.strategy import float32_note, seeded_note, tie_break_note
+
+        sparse = self.sparsification != "none" and any(d < 1 for p in params for d in p["density"])
+        notes = [float32_note(self.name, compute_dtype),
+                 tie_break_note() if sparse and self.sparsification in ("magnitude", "band") else None,
+                 seeded_note() if sparse and self.random else None]
+        return [n for n in notes if n]
+
     def merge(
         self,
         base: "torch.Tensor",

@@ -22,14 +22,6 @@ class Ties(TaskVectorMerge):
         density="the fraction of entries kept, those of largest |δᵢ|: max(1, floor(dᵢ·n))")
 
 
-    def deviations(self, params, compute_dtype):
-        from fusion.api.strategy import float32_note, tie_break_note
-
-        notes = [float32_note(self.name, compute_dtype)]
-        if any(d < 1 for p in params for d in p["density"]):
-            notes.append(tie_break_note())
-        return [n for n in notes if n]
-
 @fusion.hookimpl
 def register_strategies(register: Callable[[fusion.Strategy], None]) -> None:
     register(Ties())

@@ -169,6 +169,18 @@ def float32_note(method: str, compute_dtype: str) -> str | None:
             f"fusion computes in float32 and rounds once, at the end (set `dtype: float32` to compare)")
 
 
+def float32_deviations(self: Strategy, params: Sequence[Mapping[str, Any]], compute_dtype: str) -> list[str]:
+    """A :meth:`Strategy.deviations` for a method whose only such difference is float32 math
+    (assign it: ``deviations = float32_deviations``)."""
+    return [n for n in (float32_note(self.name, compute_dtype),) if n]
+
+
+def seeded_note() -> str:
+    """The line for a method that drops entries at random."""
+    return ("seeded draws: fusion draws the random masks from its counter-based generator keyed by random_seed, "
+            "mergekit from torch's global one; the same distribution, other entries")
+
+
 def tie_break_note() -> str:
     """The line for a method that keeps the top k entries by a key."""
     return ("top-k ties: where equal keys straddle the k-th largest, fusion keeps the lower indices and "
