@@ -48,3 +48,24 @@ def test_readme_python_example_merges(tmp_path, monkeypatch):
     assert (tmp_path / "merged" / "model.safetensors").is_file()
     assert printed[-1].startswith("wrote merged: 27 tensors merged"), printed[-1]
     assert "method      ties" in printed[0]
+
+
+def test_readme_strategy_examples_merge(tmp_path):
+    """The README's example configs of the Strategies section merge as written on tiny stand-ins;
+    the seeded one gives the same bytes twice."""
+    import re
+
+    import fusion
+    from fusion.demo import make_family
+
+    text = (ROOT / "README.md").read_text()
+    section = text.split("### Strategies", 1)[1].split("\n### ", 1)[0]
+    blocks = re.findall(r"```yaml\n(.*?)```", section, re.S)
+    assert len(blocks) == 2
+    make_family(tmp_path)  # base/, chat/, code/
+    for i, block in enumerate(blocks):
+        (tmp_path / f"{i}.yaml").write_text(block)
+        for out in ("a", "b"):
+            fusion.merge(tmp_path / f"{i}.yaml", tmp_path / f"{i}-{out}", card=False)
+        a, b = ((tmp_path / f"{i}-{out}" / "model.safetensors").read_bytes() for out in ("a", "b"))
+        assert a == b and len(a) > 0
