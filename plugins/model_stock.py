@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable
 
 import fusion
-from fusion.api.strategy import float32_deviations
 from fusion.api import vectors
+from fusion.api.strategy import float32_deviations
 
 if TYPE_CHECKING:
     import numpy as np
