@@ -12,11 +12,10 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from fusion.plugins.slerp import copy_compiled
-
 import fusion
 from fusion.api import vectors
 from fusion.api.strategy import float32_deviations
+from fusion.plugins.slerp import copy_compiled
 
 if TYPE_CHECKING:
     import numpy as np
