@@ -6,10 +6,13 @@ from __future__ import annotations
 from typing import Callable
 
 import fusion
-from fusion.plugins.task_vectors import GAMMA, TaskVectorMerge, family_parameters
+from fusion.api.task_vectors import TaskVectorMerge, family_parameters
 
 PAPER = "https://arxiv.org/abs/2312.06795"
 DENSITY = "the fraction of entries kept: floor(dᵢ·n) of them, below the γᵢ outliers by |δᵢ|"
+GAMMA = fusion.Param("gamma", float, 0.01, per_model=True, minimum=0.0, maximum=1.0,
+                     help="γᵢ, the fraction of the largest-magnitude entries dropped as outliers "
+                          "(fewer where dᵢ + γᵢ > 1)")
 
 
 class Breadcrumbs(TaskVectorMerge):

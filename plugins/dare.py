@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Callable
 
 import fusion
-from fusion.plugins.task_vectors import TaskVectorMerge, family_parameters
+from fusion.api.task_vectors import TaskVectorMerge, family_parameters
 
 PAPER = "https://arxiv.org/abs/2311.03099"
 DENSITY = "the probability that each entry is kept (seeded draws)"

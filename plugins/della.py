@@ -7,10 +7,13 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 import fusion
-from fusion.plugins.task_vectors import EPSILON, TaskVectorMerge, della_problem, family_parameters
+from fusion.api.task_vectors import TaskVectorMerge, family_parameters
 
 PAPER = "https://arxiv.org/abs/2406.11617"
 DENSITY = "the mean probability that an entry is kept (seeded draws)"
+EPSILON = fusion.Param("epsilon", float, 0.15, per_model=True, minimum=0.0,
+                       help="εᵢ, keep probabilities run from dᵢ − εᵢ (smallest magnitude in a row) "
+                            "to dᵢ + εᵢ (largest); both must lie inside (0, 1)")
 
 
 class Della(TaskVectorMerge):
@@ -25,7 +28,16 @@ class Della(TaskVectorMerge):
                                    extra=(EPSILON,))
 
     def check(self, params: Mapping[str, Any], context: fusion.TensorContext) -> list[str]:
-        return della_problem(params, context)
+        """dᵢ ± εᵢ must lie inside (0, 1) where 0 < dᵢ < 1 (mergekit's rule, checked at plan time
+        instead of mid-merge): one sentence per model that breaks it."""
+        problems = []
+        for i, (d, e) in enumerate(zip(params["density"], params["epsilon"])):
+            if 0 < d < 1 and (d + e >= 1 or d - e <= 0):
+                model = context.models[i] if i < len(context.models) else f"model {i + 1}"
+                problems.append(f"{model}: density {d:g} with epsilon {e:g} gives keep probabilities from "
+                                f"{d - e:g} to {d + e:g}, but both must lie inside (0, 1); use an epsilon "
+                                f"below {min(d, 1 - d):g} or another density")
+        return problems
 
 
 class DellaLinear(Della):
@@ -35,6 +47,7 @@ class DellaLinear(Della):
     consensus = False
     parameters = family_parameters(normalize=False, rescale=True, consensus=False, density=DENSITY,
                                    extra=(EPSILON,))
+
 
 
 @fusion.hookimpl

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import fusion
 from fusion.api.selection import topk_count, topk_mask
-from fusion.plugins.task_vectors import INT8_HELP
+from fusion.api.task_vectors import INT8_HELP
 
 if TYPE_CHECKING:  # torch is imported in merge(), so that listing plugins stays fast
     import torch

@@ -60,13 +60,6 @@ def nuslerp_coefficients(g: "np.ndarray", t: float) -> "np.ndarray":
         return _interpolate(t, np.arccos(cos), 1.0 - cos * cos <= COLINEAR)
 
 
-def copy_compiled(out, tensor, threads: int, release: bool) -> int:
-    """``out`` = one input exactly (in the output dtype): 1·x is x."""
-    from fusion.api import kernels
-
-    return kernels.combination(out, [tensor], [[1.0]], threads=threads, release=release)
-
-
 class Slerp(fusion.Strategy):
     name = "slerp"
     description = ("Spherical linear interpolation from the base to the other model by t, the whole "
@@ -91,7 +84,9 @@ class Slerp(fusion.Strategy):
 
         t = params["t"]
         if t == 0 or t == 1:
-            return copy_compiled(out, base if t == 0 else tensors[0], threads, release)
+            # 1·x is x: that input exactly, in the output dtype
+            endpoint = base if t == 0 else tensors[0]
+            return kernels.combination(out, [endpoint], [[1.0]], threads=threads, release=release)
         pair = [base, tensors[0]]
         g = kernels.gram(pair, threads=threads, release=release)
         return kernels.combination(out, pair, slerp_coefficients(g, t), threads=threads, release=release)
@@ -139,7 +134,8 @@ class Nuslerp(fusion.Strategy):
 
         t = _nuslerp_t(params["weight"])
         if t == 0 or t == 1:
-            return copy_compiled(out, tensors[int(t)], threads, release)
+            # 1·x is x: that input exactly, in the output dtype
+            return kernels.combination(out, [tensors[int(t)]], [[1.0]], threads=threads, release=release)
         where = {"shape": context.shape, "vectors": _layout(params), "threads": threads, "release": release}
         g = kernels.gram(tensors, base, **where)
         return kernels.combination(out, tensors, nuslerp_coefficients(g, t), base, **where)

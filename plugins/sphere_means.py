@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import fusion
 from fusion.api import vectors
 from fusion.api.strategy import float32_deviations
-from fusion.plugins.slerp import copy_compiled
 
 if TYPE_CHECKING:
     import numpy as np
@@ -85,7 +84,8 @@ class Multislerp(fusion.Strategy):
         from fusion.api import kernels
 
         if len(tensors) == 1:
-            return copy_compiled(out, tensors[0], threads, release)
+            # 1·x is x: that input exactly, in the output dtype
+            return kernels.combination(out, [tensors[0]], [[1.0]], threads=threads, release=release)
         g = kernels.gram(tensors, base, threads=threads, release=release)[0]
         c = multislerp_coefficients(g, params["weight"], params["normalize_weights"], params["eps"])
         return kernels.combination(out, tensors, c, base, threads=threads, release=release)
@@ -159,7 +159,8 @@ class Karcher(fusion.Strategy):
         from fusion.api import kernels
 
         if len(tensors) == 1:
-            return copy_compiled(out, tensors[0], threads, release)
+            # 1·x is x: that input exactly, in the output dtype
+            return kernels.combination(out, [tensors[0]], [[1.0]], threads=threads, release=release)
         g = kernels.gram(tensors, threads=threads, release=release)[0]
         c = karcher_coefficients(g, params["max_iter"], params["tol"])
         return kernels.combination(out, tensors, c, threads=threads, release=release)

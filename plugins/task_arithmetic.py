@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import fusion
-from fusion.plugins.task_vectors import TaskVectorMerge, family_parameters
+from fusion.api.task_vectors import TaskVectorMerge, family_parameters
 
 
 class TaskArithmetic(TaskVectorMerge):

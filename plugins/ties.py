@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 import fusion
-from fusion.plugins.task_vectors import TaskVectorMerge, family_parameters
+from fusion.api.task_vectors import TaskVectorMerge, family_parameters
 
 
 class Ties(TaskVectorMerge):

@@ -98,9 +98,16 @@ def test_the_contract_imports_nothing_else_of_fusion(module):
 
 @pytest.mark.parametrize("module", sorted(m for m in ALL if m.startswith("fusion.plugins")))
 def test_builtin_plugins_import_only_the_contract(module):
-    wrong = [f"line {line}: {t}" for line, t in imports(module, ALL[module])
-             if t != "fusion" and not t.startswith(("fusion.api", "fusion.plugins"))]
-    assert not wrong, f"the built-in plugin {module} reaches into the host: {wrong}"
+    wrong = beyond_the_contract(module, imports(module, ALL[module]))
+    assert not wrong, f"the built-in plugin {module} reaches beyond the contract: {wrong}"
+
+
+def beyond_the_contract(module: str, found: list[tuple[int, str]]) -> list[str]:
+    """The imports of plugin ``module`` that are neither the contract nor its own package (a
+    plugin package such as plugins/hub/ may import its own modules, never another plugin's)."""
+    own = ".".join(module.split(".")[:3])
+    return [f"line {line}: {t}" for line, t in found
+            if t != "fusion" and not t.startswith("fusion.api") and not (t == own or t.startswith(own + "."))]
 
 
 def test_the_checker_sees_an_upward_import(tmp_path):
@@ -110,3 +117,13 @@ def test_the_checker_sees_an_upward_import(tmp_path):
     path.write_text("def f():\n    from .pipeline import merge\n")
     found = imports("fusion.config", path)
     assert found == [(2, "fusion.pipeline")] and layer_of("fusion.pipeline", table) > layer_of("fusion.config", table)
+
+
+def test_the_checker_sees_a_plugin_importing_another(tmp_path):
+    path = tmp_path / "dare.py"
+    path.write_text("import fusion\nfrom fusion.api import kernels\nfrom fusion.plugins.ties import Ties\n")
+    assert beyond_the_contract("fusion.plugins.dare", imports("fusion.plugins.dare", path)) == [
+        "line 3: fusion.plugins.ties"]
+    hub = imports("fusion.plugins.hub.resolver", ALL["fusion.plugins.hub.resolver"])
+    assert any(t.startswith("fusion.plugins.hub.") for _, t in hub), "the hub package imports its own modules"
+    assert beyond_the_contract("fusion.plugins.hub.resolver", hub) == []

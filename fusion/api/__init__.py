@@ -11,6 +11,9 @@ imports it loads fast. ``fusion`` re-exports all of it; the modules are:
 - :mod:`~fusion.api.modelfiles`: the files a model folder holds besides its weights;
 - :mod:`~fusion.api.vocab`: vocabulary alignments and fusion functions of pairwise fusion;
 - :mod:`~fusion.api.selection`: exact top-k selection (the rule every kernel follows);
+- :mod:`~fusion.api.sparsify` and :mod:`~fusion.api.task_vectors`: the task-vector sparsifiers
+  and the generalized task arithmetic (TIES, DARE, breadcrumbs, DELLA are settings of it);
+- :mod:`~fusion.api.random`: seeded counter-based random numbers;
 - :mod:`~fusion.api.vectors`: tensors as vectors (float64 Gram matrices, linear combinations);
 - :mod:`~fusion.api.kernels`: the compiled building blocks of a strategy's C path;
 - :mod:`~fusion.api.dtypes` and :mod:`~fusion.api.errors`.

@@ -1,6 +1,7 @@
 """The generalized task arithmetic: one merge of task vectors δᵢ = θᵢ − θ₀, of which
 task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della and
 della_linear are settings (a sparsification and whether signs are elected), as in mergekit.
+A plugin makes another setting by subclassing :class:`TaskVectorMerge`, as the built-ins do.
 
 Per tensor:
 1. sparsify: δ̂ᵢ keeps the entries of δᵢ that the strategy's rule keeps (fusion.api.sparsify:
@@ -22,46 +23,39 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-import fusion
-from fusion.api.random import stream_seed
-from fusion.api.sparsify import band_bounds, magnitude_count, sparsify
+from .params import Param
+from .random import stream_seed
+from .sparsify import band_bounds, magnitude_count, sparsify
+from .strategy import Strategy, TensorContext, float32_note, seeded_note, tie_break_note
 
 if TYPE_CHECKING:  # torch is imported in merge(), so that listing plugins stays fast
     import torch
 
-    from fusion.api import kernels
+    from . import kernels
 
 INT8_HELP = "accepted for mergekit compatibility; no effect (the sign masks are exact either way)"
 
 
 def family_parameters(*, normalize: bool, rescale: bool, consensus: bool, density: str | None,
-                      extra: tuple[fusion.Param, ...] = ()) -> tuple[fusion.Param, ...]:
+                      extra: tuple[Param, ...] = ()) -> tuple[Param, ...]:
     """mergekit's parameter set of every task-arithmetic method, with one method's defaults;
     ``density`` says what the density means for it (None: the method keeps every entry)."""
     unused = "accepted for mergekit compatibility; no effect here (every entry is kept)"
     return (
-        fusion.Param("weight", float, 1.0, per_model=True, help="wᵢ, the task vector's weight"),
-        fusion.Param("density", float, 1.0, per_model=True, minimum=0.0, maximum=1.0,
+        Param("weight", float, 1.0, per_model=True, help="wᵢ, the task vector's weight"),
+        Param("density", float, 1.0, per_model=True, minimum=0.0, maximum=1.0,
                      help=f"dᵢ, {density}; 1 keeps the task vector whole" if density else unused),
         *extra,
-        fusion.Param("lambda", float, 1.0, help="λ, scales the merged task vector"),
-        fusion.Param("normalize", bool, normalize,
+        Param("lambda", float, 1.0, help="λ, scales the merged task vector"),
+        Param("normalize", bool, normalize,
                      help="divide by the summed weights of the models whose sign agrees with the "
                           "elected one, per entry" if consensus else
                           "divide by Σ wᵢ (left out when |Σ wᵢ| < 1e-8)"),
-        fusion.Param("rescale", bool, rescale,
+        Param("rescale", bool, rescale,
                      help="scale each sparsified task vector back to its L1 norm: times Σ|δᵢ| / Σ|δ̂ᵢ|"
                      if density else unused),
-        fusion.Param("int8_mask", bool, False, help=INT8_HELP),
+        Param("int8_mask", bool, False, help=INT8_HELP),
     )
-
-
-GAMMA = fusion.Param("gamma", float, 0.01, per_model=True, minimum=0.0, maximum=1.0,
-                     help="γᵢ, the fraction of the largest-magnitude entries dropped as outliers "
-                          "(fewer where dᵢ + γᵢ > 1)")
-EPSILON = fusion.Param("epsilon", float, 0.15, per_model=True, minimum=0.0,
-                       help="εᵢ, keep probabilities run from dᵢ − εᵢ (smallest magnitude in a row) "
-                            "to dᵢ + εᵢ (largest); both must lie inside (0, 1)")
 
 
 def divides_by_the_weights(params: Mapping[str, Any]) -> bool:
@@ -69,7 +63,7 @@ def divides_by_the_weights(params: Mapping[str, Any]) -> bool:
     return params["normalize"] and abs(sum(params["weight"])) >= 1e-8
 
 
-class TaskVectorMerge(fusion.Strategy):
+class TaskVectorMerge(Strategy):
     """A setting of the generalized task arithmetic: ``sparsification`` (a mode of
     fusion.api.sparsify) and ``consensus`` (elect signs). Subclasses also set name, description,
     paper and parameters (:func:`family_parameters`)."""
@@ -79,8 +73,6 @@ class TaskVectorMerge(fusion.Strategy):
     consensus = False
 
     def deviations(self, params, compute_dtype):
-        from fusion.api.strategy import float32_note, seeded_note, tie_break_note
-
         sparse = self.sparsification != "none" and any(d < 1 for p in params for d in p["density"])
         notes = [float32_note(self.name, compute_dtype),
                  tie_break_note() if sparse and self.sparsification in ("magnitude", "band") else None,
@@ -92,7 +84,7 @@ class TaskVectorMerge(fusion.Strategy):
         base: "torch.Tensor",
         tensors: "Sequence[torch.Tensor]",
         params: Mapping[str, Any],
-        context: fusion.TensorContext,
+        context: TensorContext,
     ) -> "torch.Tensor":
         import torch
 
@@ -130,7 +122,7 @@ class TaskVectorMerge(fusion.Strategy):
         return result
 
     def merge_compiled(self, out, base, tensors, params, context, *, threads, release):
-        from fusion.api import kernels
+        from . import kernels
 
         params = self.with_defaults(params, len(tensors))
         weights = params["weight"]
@@ -149,9 +141,9 @@ class TaskVectorMerge(fusion.Strategy):
             first=context.start, threads=threads, release=release)
         return bad
 
-    def keep(self, params: Mapping[str, Any], i: int, n: int, context: fusion.TensorContext) -> "kernels.Keep":
+    def keep(self, params: Mapping[str, Any], i: int, n: int, context: TensorContext) -> "kernels.Keep":
         """Model i's rule as a :class:`fusion.api.kernels.Keep`: the masks of fusion.api.sparsify."""
-        from fusion.api.kernels import Keep
+        from .kernels import Keep
 
         density = params["density"][i]
         if self.sparsification == "none" or density >= 1:
@@ -174,23 +166,10 @@ class TaskVectorMerge(fusion.Strategy):
         return full
 
     def sparsify(self, delta: "torch.Tensor", params: Mapping[str, Any], i: int,
-                 context: fusion.TensorContext) -> "torch.Tensor":
+                 context: TensorContext) -> "torch.Tensor":
         """δ̂ᵢ of model i; model i draws from its own stream of the tensor's seed."""
         return sparsify(delta, self.sparsification, params["density"][i],
                         gamma=params["gamma"][i] if "gamma" in params else 0.0,
                         epsilon=params["epsilon"][i] if "epsilon" in params else 0.0,
                         seed=stream_seed(context.seed, i), start=context.start,
                         rescale=params["rescale"])
-
-
-def della_problem(params: Mapping[str, Any], context: fusion.TensorContext) -> list[str]:
-    """DELLA's keep probabilities dᵢ ± εᵢ must lie inside (0, 1) where 0 < dᵢ < 1 (mergekit's
-    rule, checked at plan time instead of mid-merge): one sentence per model that breaks it."""
-    problems = []
-    for i, (d, e) in enumerate(zip(params["density"], params["epsilon"])):
-        if 0 < d < 1 and (d + e >= 1 or d - e <= 0):
-            model = context.models[i] if i < len(context.models) else f"model {i + 1}"
-            problems.append(f"{model}: density {d:g} with epsilon {e:g} gives keep probabilities from "
-                            f"{d - e:g} to {d + e:g}, but both must lie inside (0, 1); use an epsilon below "
-                            f"{min(d, 1 - d):g} or another density")
-    return problems
