@@ -17,7 +17,7 @@ from typing import Any, Iterator, Mapping
 from .api.strategy import Strategy
 from .config import MergeConfig
 from .configfile import Problems
-from .host import strategies
+from .host import parameter_owners
 
 
 def parameter_scopes(config: MergeConfig) -> Iterator[tuple[str, Mapping[str, Any], bool]]:
@@ -60,7 +60,7 @@ def check_parameters(config: MergeConfig, strategy: Strategy, problems: Problems
     """Every parameter in the config is declared by the strategy (or, ignored, by another one)
     and every value is valid; the required ones are set for every merged model."""
     names = ", ".join(p.name for p in strategy.parameters) or "none"
-    elsewhere = {p.name: s.name for s in strategies().values() for p in s.parameters}
+    elsewhere = parameter_owners()
     for scope, params, per_model in parameter_scopes(config):
         for key, value in params.items():
             path = f"{scope}.{key}"
