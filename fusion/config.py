@@ -20,7 +20,7 @@ from .api.errors import ConfigError
 from .config_slices import SliceEntry, parse_layered
 from .config_tokenizer import TokenizerEntry, parse_chat_template, parse_tokenizer
 from .configfile import Document, Problems, model_reference, parse_document, read_document
-from .host import strategies
+from .host import parameter_owners, strategies
 
 TOP_LEVEL_KEYS = ("merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype",
                   "out_dtype", "tokenizer_source", "tokenizer", "chat_template", "name", "layout_from",
@@ -142,7 +142,7 @@ def _from_document(doc: Document) -> MergeConfig:
     # the strategy is checked by the planner; here it only says where a misplaced key belongs
     known = strategies()
     strategy = known.get(method) if isinstance(method, str) else None
-    declared = {p.name: s.name for s in known.values() for p in s.parameters}
+    declared = parameter_owners()
     hints = dict(MISPLACED)
     for key in data:
         if strategy is not None and strategy.param(str(key)) is not None:

@@ -17,7 +17,7 @@ from typing import Any, Iterator, Mapping
 from .api.strategy import Strategy
 from .config import MergeConfig
 from .configfile import Problems
-from .host import strategies
+from .host import parameter_owners
 
 
 def parameter_scopes(config: MergeConfig) -> Iterator[tuple[str, Mapping[str, Any], bool]]:
@@ -60,7 +60,7 @@ def check_parameters(config: MergeConfig, strategy: Strategy, problems: Problems
     """Every parameter in the config is declared by the strategy (or, ignored, by another one)
     and every value is valid; the required ones are set for every merged model."""
     names = ", ".join(p.name for p in strategy.parameters) or "none"
-    elsewhere = {p.name: s.name for s in strategies().values() for p in s.parameters}
+    elsewhere = parameter_owners()
     for scope, params, per_model in parameter_scopes(config):
         for key, value in params.items():
             path = f"{scope}.{key}"
@@ -100,6 +100,16 @@ def check_parameters(config: MergeConfig, strategy: Strategy, problems: Problems
                                            f"`parameters: {{{param.name}: ...}}`")
 
 
+def count_problem(strategy: Strategy, count: int, base: str | None, given: str = "the config gives",
+                  key: str = "models") -> str | None:
+    """Why ``strategy`` cannot merge ``count`` models (besides ``base``), or None when it can."""
+    lo, hi = strategy.min_models, strategy.max_models
+    if lo <= count and (hi is None or count <= hi):
+        return None
+    besides = " besides the base model" if strategy.base != "unused" and base else ""
+    return f"{strategy.name} merges {strategy.models_text()} model(s){besides}, but {given} {count}; change `{key}`"
+
+
 def check_models(config: MergeConfig, strategy: Strategy, problems: Problems) -> None:
     """The base model and the number of merged models of each output slice."""
     for path, merged, base in merged_inputs(config, strategy):
@@ -109,14 +119,10 @@ def check_models(config: MergeConfig, strategy: Strategy, problems: Problems) ->
                          f"{strategy.name} needs a base_model to take task vectors from; add "
                          f"`base_model: <path or Hub name>`" + (" (for the whole config or this slice)"
                                                                 if in_slice else ""))
-        lo, hi = strategy.min_models, strategy.max_models
-        count = len(merged)
-        if count < lo or (hi is not None and count > hi):
-            besides = " besides the base model" if strategy.base != "unused" and base else ""
-            what = "the config gives" if not in_slice else "this slice has"
-            problems.add("models" if not in_slice else f"{path}.sources",
-                         f"{strategy.name} merges {strategy.models_text()} model(s){besides}, but {what} {count}; "
-                         f"change `{'models' if not in_slice else 'sources'}`")
+        given, key = ("this slice has", "sources") if in_slice else ("the config gives", "models")
+        problem = count_problem(strategy, len(merged), base, given, key)
+        if problem is not None:
+            problems.add("models" if not in_slice else f"{path}.sources", problem)
     if config.slices is None and strategy.base == "unused" and config.base_model:
         if any(same_model(e.reference, config.base_model) for e in config.models):
             problems.note("base_model", f"{strategy.name} takes no base model: base_model is merged only because "

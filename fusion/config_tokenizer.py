@@ -61,7 +61,7 @@ def is_template_text(value: str) -> bool:
     return "{" in value and len(value) >= 20
 
 
-def _source(value: Any, path: str, problems: Problems, reference: Callable) -> str | None:
+def _source(value: Any, path: str, reference: Callable) -> str | None:
     if isinstance(value, str) and value.strip() in SOURCES:
         return value.strip()
     return reference(path, value, True)
@@ -113,13 +113,13 @@ def parse_tokenizer(data: Mapping, problems: Problems, reference: Callable) -> T
         problems.add("tokenizer", "give either `tokenizer_source` or the `tokenizer:` block, not both")
         return None
     if legacy is not None:
-        source = _source(legacy, "tokenizer_source", problems, reference)
+        source = _source(legacy, "tokenizer_source", reference)
         return TokenizerEntry(source, path="tokenizer_source") if source else None
     if block is None and "tokenizer" not in data:
         return None
     block = problems.mapping(block, "tokenizer", "{source: union}")
     problems.known_keys(block, TOKENIZER_KEYS, "tokenizer", "the tokenizer block has")
-    source = _source(block.get("source", "union"), "tokenizer.source", problems, reference)
+    source = _source(block.get("source", "union"), "tokenizer.source", reference)
     pad = block.get("pad_to_multiple_of")
     if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
         problems.add("tokenizer.pad_to_multiple_of", f"pad_to_multiple_of is a whole number of 1 or more, not {pad!r}")

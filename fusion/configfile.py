@@ -62,6 +62,12 @@ def read_document(path: str | Path) -> Document:
     return parse_document(_decode(raw, where), source=path)
 
 
+def _line_column(text: str | bytes, position: int) -> tuple[int, int]:
+    """The 1-based line and column of ``position`` in ``text``."""
+    newline = b"\n" if isinstance(text, bytes) else "\n"
+    return text.count(newline, 0, position) + 1, position - text.rfind(newline, 0, position)
+
+
 def _decode(raw: bytes, where: str) -> str:
     """UTF-8 text (a UTF-8 byte-order mark is dropped); anything else is refused by name."""
     for bom, name in ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
@@ -73,8 +79,7 @@ def _decode(raw: bytes, where: str) -> str:
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        line, column = _line_column(raw, exc.start)
         raise ConfigError("", f"{where} is not UTF-8 text (byte {raw[exc.start]:#04x} at line {line}, "
                               f"column {column}); save it as UTF-8") from None
 
@@ -224,8 +229,7 @@ def parse_yaml(text: str, source: str) -> tuple[Any, dict[str, int]]:
         lines = _scan(node, source) if node is not None else {}
         data = loader.construct_document(node) if node is not None else None
     except yaml.reader.ReaderError as exc:
-        line = text.count("\n", 0, exc.position) + 1
-        column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+        line, column = _line_column(text, exc.position)
         code = exc.character if isinstance(exc.character, int) else ord(str(exc.character)[:1] or "?")
         what = "a NUL byte" if code == 0 else f"the control character U+{code:04X}"
         raise ConfigError("", f"{source}: {what} at line {line}, column {column} is not allowed in YAML; "

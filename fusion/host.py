@@ -272,6 +272,12 @@ def strategies() -> dict[str, Strategy]:
     return host().active("strategy")
 
 
+def parameter_owners() -> dict[str, str]:
+    """Every parameter name a strategy in use declares → a strategy that declares it, so that a
+    parameter given to the wrong method can be told from a typo."""
+    return {p.name: s.name for s in strategies().values() for p in s.parameters}
+
+
 def architectures() -> list[ArchitectureSpec]:
     """The architecture specs in use, in load order (a later spec of the same name replaces an
     earlier one; among specs that recognise a checkpoint equally well, the later one wins)."""

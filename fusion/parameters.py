@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+from .api.params import Param
 from .api.strategy import Strategy
 
 
@@ -56,20 +57,18 @@ def resolve_parameters(strategy: Strategy, shared: Sequence[Mapping[str, Any]],
     ``shared`` are the levels above the models, highest first (slice, module, top level);
     ``inputs`` gives each merged model's own parameters and the names of its input tensor.
     """
-    def first(levels: Sequence[Mapping[str, Any]], name: str, tensor: tuple[str, ...]) -> Any:
+    def first(levels: Sequence[Mapping[str, Any]], param: Param, tensor: tuple[str, ...]) -> Any:
+        """The value of the highest level that has one, else the default, coerced."""
         for level in levels:
-            value = evaluate(level.get(name), tensor, t)
+            value = evaluate(level.get(param.name), tensor, t)
             if value is not None:
-                return value
-        return None
+                return param.coerce(value)
+        return None if param.default is None else param.coerce(param.default)
 
     out: dict[str, Any] = {}
     for param in strategy.parameters:
         if param.per_model:
-            values = [first([own, *shared], param.name, tensor) for own, tensor in inputs]
+            out[param.name] = [first([own, *shared], param, tensor) for own, tensor in inputs]
         else:
-            values = [first(shared, param.name, names)]
-        values = [param.coerce(param.default if v is None else v) if (v is not None or param.default is not None)
-                  else None for v in values]
-        out[param.name] = values if param.per_model else values[0]
+            out[param.name] = first(shared, param, names)
     return out

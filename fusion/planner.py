@@ -22,7 +22,7 @@ from .api.resolver import ResolveOptions
 from .api.strategy import Strategy, TensorContext
 from .checkpoint import TensorInfo
 from .config import MergeConfig
-from .config_checks import check_config
+from .config_checks import check_config, count_problem
 from .configfile import Problems
 from .host import clash, get_strategy
 from .layermap import POST_ROLES, LayerMap, OutputSlice, build_layer_map, input_canonical, output_config
@@ -225,11 +225,10 @@ def build_plan(config: MergeConfig, options: ResolveOptions | None = None, *,
 
 
 def _check_model_count(config: MergeConfig, strategy: Strategy, count: int) -> None:
-    lo, hi = strategy.min_models, strategy.max_models
-    if count < lo or (hi is not None and count > hi):
-        besides = " besides the base model" if strategy.base != "unused" and config.base_model else ""
-        raise config.error("models", f"{strategy.name} merges {strategy.models_text()} model(s){besides}, "
-                                     f"but the config gives {count}; change `models`")
+    """The count again once the models are opened: two references may name one folder."""
+    problem = count_problem(strategy, count, config.base_model)
+    if problem is not None:
+        raise config.error("models", problem)
 
 
 def _plan_tensors(plan: Plan) -> None:

@@ -280,20 +280,20 @@ def build_vocabulary(plan: Plan, opened: ModelSet) -> Vocabulary:
                          f"cannot index embedding rows")
     pad = spec.pad_to_multiple_of
     size = -(-n // pad) * pad if pad else n
-    vocabs, originals = {}, {}
-    for m in models:
-        tok = tokenizers[id(m)] or base_tok
-        limit = _vocab_size(m, tok)
-        originals[id(m)] = tok.get_vocab()
-        vocabs[id(m)] = {t: i for t, i in originals[id(m)].items() if i < limit}
     what = spec.source if spec.source in ("base", "union") else "the tokenizer of " + spec.source
     note = f"vocabulary: {n} tokens ({what})" + (f", padded to {size} rows" if size > n else "")
     entry_models = {e.path: opened.open(e.model, f"{e.path}.source") for e in spec.tokens.values() if e.model}
+    # every model read, and the models token entries take rows from, with the tokenizer of its rows
+    readers = {id(m): (m, tokenizers[id(m)] or base_tok) for m in models}
     for m in entry_models.values():
-        if id(m) not in vocabs:
-            tok = load_tokenizer(m) or base_tok
-            originals[id(m)] = tok.get_vocab()
-            vocabs[id(m)] = {t: i for t, i in originals[id(m)].items() if i < _vocab_size(m, tok)}
+        if id(m) not in readers:
+            readers[id(m)] = (m, load_tokenizer(m) or base_tok)
+    vocabs: dict[int, dict[str, int]] = {}
+    originals: dict[int, dict[str, int]] = {}
+    for key, (m, tok) in readers.items():
+        originals[key] = tok.get_vocab()
+        limit = _vocab_size(m, tok)
+        vocabs[key] = {t: i for t, i in originals[key].items() if i < limit}
     return Vocabulary(out, tokens, size, vocabs, originals, plan.base, dict(spec.tokens), entry_models, note)
 
 

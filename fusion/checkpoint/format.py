@@ -65,6 +65,25 @@ class Format:
         raise NotImplementedError
 
 
+class ShardedFormat(Format):
+    """Weights in one file, or in shards that an index file maps tensor names to."""
+
+    index: ClassVar[str]  # the index file's name
+    single: ClassVar[str]  # the single weights file's name
+
+    @classmethod
+    def recognises(cls, folder: Path) -> bool:
+        return (folder / cls.index).is_file() or (folder / cls.single).is_file()
+
+    @classmethod
+    def weights(cls, folder: Path, label: str) -> tuple[Path, bool]:
+        """The index (and True) where the folder has one, else the single file (and False),
+        either checked to lie inside the folder."""
+        if (folder / cls.index).is_file():
+            return contained(folder, cls.index, label), True
+        return contained(folder, cls.single, label), False
+
+
 def read_weight_map(index: Path, label: str) -> dict[str, Path]:
     """The ``weight_map`` of a sharded checkpoint's index: tensor name → shard file, every shard
     checked to lie inside the model folder (:func:`fusion.api.modelfiles.contained`)."""

@@ -13,12 +13,9 @@ from typing import Any
 
 from ..api.dtypes import DTYPES
 from ..api.errors import CheckpointError
-from ..api.modelfiles import contained
-from .format import Format, Storage, TensorInfo, read_weight_map
+from .format import ShardedFormat, Storage, TensorInfo, read_weight_map
 
 MAX_HEADER = 100 * 1024 * 1024
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
@@ -215,14 +212,12 @@ class MappedFiles(Storage):
         self._maps.clear()
 
 
-class Safetensors(Format):
-    @classmethod
-    def recognises(cls, folder: Path) -> bool:
-        return (folder / INDEX).is_file() or (folder / SINGLE).is_file()
+class Safetensors(ShardedFormat):
+    index = "model.safetensors.index.json"
+    single = "model.safetensors"
 
     @classmethod
     def open(cls, folder: Path, label: str) -> tuple[dict[str, TensorInfo], Storage, int]:
-        index = folder / INDEX
-        tensors = _from_index(contained(folder, INDEX, label), label) if index.is_file() \
-            else read_safetensors_header(contained(folder, SINGLE, label))
+        path, sharded = cls.weights(folder, label)
+        tensors = _from_index(path, label) if sharded else read_safetensors_header(path)
         return tensors, MappedFiles(), 0

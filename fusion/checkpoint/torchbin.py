@@ -9,11 +9,7 @@ from typing import Any
 
 from ..api.dtypes import from_name
 from ..api.errors import CheckpointError
-from ..api.modelfiles import contained
-from .format import Format, Storage, TensorInfo, read_weight_map
-
-INDEX = "pytorch_model.bin.index.json"
-SINGLE = "pytorch_model.bin"
+from .format import ShardedFormat, Storage, TensorInfo, read_weight_map
 
 
 class StateDict(Storage):
@@ -65,16 +61,14 @@ def _load(path: Path, label: str) -> dict[str, Any]:
     return loaded
 
 
-class TorchBin(Format):
-    @classmethod
-    def recognises(cls, folder: Path) -> bool:
-        return (folder / INDEX).is_file() or (folder / SINGLE).is_file()
+class TorchBin(ShardedFormat):
+    index = "pytorch_model.bin.index.json"
+    single = "pytorch_model.bin"
 
     @classmethod
     def open(cls, folder: Path, label: str) -> tuple[dict[str, TensorInfo], Storage, int]:
-        index = folder / INDEX
-        files = sorted(set(read_weight_map(contained(folder, INDEX, label), label).values())) \
-            if index.is_file() else [contained(folder, SINGLE, label)]
+        path, sharded = cls.weights(folder, label)
+        files = sorted(set(read_weight_map(path, label).values())) if sharded else [path]
         state: dict[str, Any] = {}
         for path in files:
             if not path.is_file():
