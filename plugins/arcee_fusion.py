@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Callable
 
 import fusion
 from fusion.api import vectors
+from fusion.api.strategy import float32_note
 
 if TYPE_CHECKING:
     import torch
@@ -57,8 +58,6 @@ class ArceeFusion(fusion.Strategy):
     min_models = max_models = 1
 
     def deviations(self, params, compute_dtype):
-        from fusion.api.strategy import float32_note
-
         notes = [float32_note(self.name, compute_dtype),
                  "arcee_fusion's divergences: fusion computes each row's KL in float64, mergekit in the inputs' dtype "
                  "(float32 at best), where rows whose softmaxes nearly agree get mostly rounding noise, so other "

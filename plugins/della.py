@@ -49,7 +49,6 @@ class DellaLinear(Della):
                                    extra=(EPSILON,))
 
 
-
 @fusion.hookimpl
 def register_strategies(register: Callable[[fusion.Strategy], None]) -> None:
     register(Della())

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import fusion
 from fusion.api.selection import topk_count, topk_mask
+from fusion.api.strategy import float32_note, tie_break_note
 from fusion.api.task_vectors import INT8_HELP
 
 if TYPE_CHECKING:  # torch is imported in merge(), so that listing plugins stays fast
@@ -52,6 +53,17 @@ class Sce(fusion.Strategy):
                           "its share of the squared deltas, and mergekit ignores it too)"),
         fusion.Param("int8_mask", bool, False, help=INT8_HELP),
     )
+
+    def deviations(self, params, compute_dtype):
+        notes = [float32_note(self.name, compute_dtype),
+                 tie_break_note() if any(p["select_topk"] < 1 for p in params) else None,
+                 "SCE weights: fusion weights each model by its squared deltas however small they are; mergekit "
+                 "uses uniform weights for a tensor whose mean squared deltas sum to less than 1e-6"]
+        lambdas = sorted({p["lambda"] for p in params} - {1.0})
+        if lambdas:
+            notes.append(f"lambda = {', '.join(f'{x:g}' for x in lambdas)} scales SCE's merged task vector; "
+                         f"mergekit's sce has no lambda (it ignores one)")
+        return [n for n in notes if n]
 
     def merge(
         self,
@@ -102,19 +114,6 @@ class Sce(fusion.Strategy):
             threads=threads, release=release)
         return bad
 
-
-    def deviations(self, params, compute_dtype):
-        from fusion.api.strategy import float32_note, tie_break_note
-
-        notes = [float32_note(self.name, compute_dtype),
-                 tie_break_note() if any(p["select_topk"] < 1 for p in params) else None,
-                 "SCE weights: fusion weights each model by its squared deltas however small they are; mergekit "
-                 "uses uniform weights for a tensor whose mean squared deltas sum to less than 1e-6"]
-        lambdas = sorted({p["lambda"] for p in params} - {1.0})
-        if lambdas:
-            notes.append(f"lambda = {', '.join(f'{x:g}' for x in lambdas)} scales SCE's merged task vector; "
-                         f"mergekit's sce has no lambda (it ignores one)")
-        return [n for n in notes if n]
 
 @fusion.hookimpl
 def register_strategies(register: Callable[[fusion.Strategy], None]) -> None:

@@ -92,7 +92,6 @@ class Slerp(fusion.Strategy):
         return kernels.combination(out, pair, slerp_coefficients(g, t), threads=threads, release=release)
 
 
-
 def _nuslerp_t(weights: Sequence[float]) -> float:
     """t = w_B / (w_A + w_B), ½ where the weights sum to (nearly) 0."""
     total = weights[0] + weights[1]
@@ -139,7 +138,6 @@ class Nuslerp(fusion.Strategy):
         where = {"shape": context.shape, "vectors": _layout(params), "threads": threads, "release": release}
         g = kernels.gram(tensors, base, **where)
         return kernels.combination(out, tensors, nuslerp_coefficients(g, t), base, **where)
-
 
 
 @fusion.hookimpl

@@ -81,7 +81,7 @@ class Param:
             if not isinstance(value, bool):
                 raise ConfigError(path, f"{self.name} must be true or false, not {value!r}", line)
         elif t in (int, float):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if not isinstance(value, (int, float)):  # coerce has made a bool a number
                 raise ConfigError(path, f"{self.name} must be a {_TYPE_NAMES[t]}, not {value!r}", line)
             try:
                 if t is int and not float(value).is_integer():

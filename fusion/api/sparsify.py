@@ -151,6 +151,8 @@ def sparsify(delta: "torch.Tensor", mode: str, density: float, *, gamma: float =
              epsilon: float = 0.0, seed: int = 0, start: int = 0, rescale: bool = False) -> "torch.Tensor":
     """δ̂: δ on the entries ``mode`` keeps and 0 elsewhere, times :func:`rescale_factor` when
     ``rescale``. ``mode`` "none" and densities d ≥ 1 return δ itself."""
+    import torch
+
     if mode == "none" or density >= 1:
         return delta
     if mode == "magnitude":
@@ -164,6 +166,4 @@ def sparsify(delta: "torch.Tensor", mode: str, density: float, *, gamma: float =
     else:
         raise ValueError(f"unknown sparsification {mode!r}; use one of {', '.join(MODES)}")
     factor = rescale_factor(delta, mask) if rescale else None
-    import torch
-
     return torch.where(mask, delta if factor is None else delta * factor, 0.0)

@@ -78,13 +78,11 @@ def gram(tensors: "Sequence[torch.Tensor]", base: "torch.Tensor | None" = None,
     out = torch.zeros((count, m, m), dtype=torch.float64)
     if count == 1:  # one vector: the whole tensor, in chunks of elements
         n = rows * cols
-        total = torch.zeros((m, m), dtype=torch.float64)
         for a in range(0, n, _CHUNK):
             xs = _differences(tensors, base, slice(a, min(n, a + _CHUNK)))
             for i in range(m):
                 for j in range(i, m):
-                    total[i, j] += torch.dot(xs[i], xs[j])
-        out[0] = total
+                    out[0, i, j] += torch.dot(xs[i], xs[j])
     else:
         step = max(1, _CHUNK // max(cols, 1))
         for r0 in range(0, rows, step):
