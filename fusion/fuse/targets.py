@@ -86,13 +86,12 @@ def build(*, cache: Path, name: str, pivot: Store, source: Store, pivot_tokens: 
         fused.prepare()
     barrier()
     layout = pivot.layout
-    reused = _info(info_path, fused.key) is not None and load_arrays(vocab_path, vocab_key) is not None \
-        and not fused.missing()
+    vocab = load_arrays(vocab_path, vocab_key)
+    reused = _info(info_path, fused.key) is not None and vocab is not None and not fused.missing()
     state = {"pivot": pivot, "source": source, "align": first, "fused": fused, "pivot_tokens": list(pivot_tokens),
              "source_tokens": list(source_tokens), "pairs": alignment.uses_pairs, "fallback": fallback,
              "store_dtype": store_dtype, "carry": carry, "vocab_path": vocab_path, "vocab_key": vocab_key}
     mine = layout.share(rank, size) if size > 1 else list(range(layout.chunks))
-    vocab = load_arrays(vocab_path, vocab_key)
     todo = [c for c in mine if not first.done(c) and (vocab is None or not fused.done(c))]
     with Workers(workers if size == 1 else 1, _init, (state,)) as pool:
         pool.run(_first_pass, [(c,) for c in todo], progress)
