@@ -232,6 +232,17 @@ def build_coarse_case(root: Path, pivot_steps: int = 60, source_steps: int = 150
     return {**paths, **_data_files(root, ("coarse-train.jsonl", fuse_data), ("coarse-heldout.jsonl", heldout))}
 
 
+def copy_case(src: Path, dst: Path, names) -> Path:
+    """The named model folders and data files of a built case, copied into ``dst`` (a test's own,
+    so that its runs write nothing into the shared case)."""
+    import shutil
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (shutil.copytree if (src / name).is_dir() else shutil.copyfile)(src / name, dst / name)
+    return dst
+
+
 def shared_case(tmp_path_factory, name: str, build, last_file: str) -> Path:
     """A case built once per test run and shared by the xdist workers (their temp folders share
     the run's parent); ``last_file`` is what ``build`` writes last."""

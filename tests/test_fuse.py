@@ -149,13 +149,9 @@ def case(tmp_path_factory):
 
 
 def _copy_case(case: Path, tmp_path: Path) -> Path:
-    import shutil
+    from fuse_models import copy_case
 
-    for name in ("pivot", "source_a", "source_b"):
-        shutil.copytree(case / name, tmp_path / name)
-    for name in ("train.jsonl", "heldout.jsonl"):
-        shutil.copyfile(case / name, tmp_path / name)
-    return tmp_path
+    return copy_case(case, tmp_path, ("pivot", "source_a", "source_b", "train.jsonl", "heldout.jsonl"))
 
 
 def _mtimes(folder: Path) -> dict[str, int]:
