@@ -162,23 +162,32 @@ def build_fusion_case(root: Path, pivot_steps: int = 60, source_steps: int = 150
     tok_b = make_tokenizer(root / "tok_b", "meta", 200)
     pattern_train = [pattern(rng.randrange(len(WORDS)), rng.randint(4, 8)) for _ in range(64)]
     noise = [shuffled(rng, rng.randint(4, 8)) for _ in range(64)]
+    paths = _trained(root, [("pivot", "llama", tok_p, noise, pivot_steps, 0),
+                            ("source_a", "qwen2", tok_p, pattern_train, source_steps, 1),
+                            ("source_b", "llama", tok_b, pattern_train, source_steps, 2)])
+    fuse_data = [pattern(rng.randrange(len(WORDS)), rng.randint(4, 8)) for _ in range(48)]
+    heldout = [pattern(rng.randrange(len(WORDS)), rng.randint(5, 9)) for _ in range(16)]
+    return {**paths, **_data_files(root, ("train.jsonl", fuse_data), ("heldout.jsonl", heldout))}
+
+
+def _trained(root: Path, runs: list[tuple]) -> dict[str, Path]:
+    """Each (name, family, tokenizer, records, steps, seed): a model trained on the records,
+    saved with its tokenizer under ``root / name``."""
     paths = {}
-    for name, family, tok, data, steps, seed in (
-        ("pivot", "llama", tok_p, noise, pivot_steps, 0),
-        ("source_a", "qwen2", tok_p, pattern_train, source_steps, 1),
-        ("source_b", "llama", tok_b, pattern_train, source_steps, 2),
-    ):
+    for name, family, tok, data, steps, seed in runs:
         model = make_model(root / name, family, tok, seed)
         train_lm(model, tok, data, steps, seed)
         model.save_pretrained(root / name)
         tok.save_pretrained(root / name)
         paths[name] = root / name
-    fuse_data = [pattern(rng.randrange(len(WORDS)), rng.randint(4, 8)) for _ in range(48)]
-    heldout = [pattern(rng.randrange(len(WORDS)), rng.randint(5, 9)) for _ in range(16)]
-    for name, records in (("train.jsonl", fuse_data), ("heldout.jsonl", heldout)):
-        (root / name).write_text("".join(json.dumps(r) + "\n" for r in records))
-    paths["data"], paths["heldout"] = root / "train.jsonl", root / "heldout.jsonl"
     return paths
+
+
+def _data_files(root: Path, train: tuple[str, list[dict]], heldout: tuple[str, list[dict]]) -> dict[str, Path]:
+    """The fusion data and the held-out data as JSONL files under ``root``."""
+    for name, records in (train, heldout):
+        (root / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+    return {"data": root / train[0], "heldout": root / heldout[0]}
 
 
 def header_folder(folder: Path, model_type: str, **config) -> Path:
@@ -215,23 +224,23 @@ def build_coarse_case(root: Path, pivot_steps: int = 60, source_steps: int = 150
 
     pattern_train = [spaced(pattern(rng.randrange(len(WORDS)), rng.randint(4, 8))) for _ in range(64)]
     noise = [spaced(shuffled(rng, rng.randint(4, 8))) for _ in range(64)]
-    paths = {}
-    for name, family, tok, data, steps, seed in (
-        ("fine_pivot", "llama", tok_f, noise, pivot_steps, 3),
-        ("fine_same", "qwen2", tok_f, pattern_train, source_steps, 4),
-        ("coarse", "llama", tok_w, pattern_train, source_steps, 5),
-    ):
-        model = make_model(root / name, family, tok, seed)
-        train_lm(model, tok, data, steps, seed)
-        model.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-        paths[name] = root / name
+    paths = _trained(root, [("fine_pivot", "llama", tok_f, noise, pivot_steps, 3),
+                            ("fine_same", "qwen2", tok_f, pattern_train, source_steps, 4),
+                            ("coarse", "llama", tok_w, pattern_train, source_steps, 5)])
     fuse_data = [spaced(pattern(rng.randrange(len(WORDS)), rng.randint(4, 8))) for _ in range(48)]
     heldout = [spaced(pattern(rng.randrange(len(WORDS)), rng.randint(5, 9))) for _ in range(16)]
-    for name, records in (("coarse-train.jsonl", fuse_data), ("coarse-heldout.jsonl", heldout)):
-        (root / name).write_text("".join(json.dumps(r) + "\n" for r in records))
-    paths["data"], paths["heldout"] = root / "coarse-train.jsonl", root / "coarse-heldout.jsonl"
-    return paths
+    return {**paths, **_data_files(root, ("coarse-train.jsonl", fuse_data), ("coarse-heldout.jsonl", heldout))}
+
+
+def copy_case(src: Path, dst: Path, names) -> Path:
+    """The named model folders and data files of a built case, copied into ``dst`` (a test's own,
+    so that its runs write nothing into the shared case)."""
+    import shutil
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (shutil.copytree if (src / name).is_dir() else shutil.copyfile)(src / name, dst / name)
+    return dst
 
 
 def shared_case(tmp_path_factory, name: str, build, last_file: str) -> Path:

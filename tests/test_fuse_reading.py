@@ -4,7 +4,6 @@ where big models are scored, and the cost model."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +16,8 @@ import numpy as np
 import pytest
 
 pytest.importorskip("transformers")
+
+from fuse_models import copy_case  # noqa: E402
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 
@@ -39,13 +40,6 @@ def models_tokenizer(folder: Path):
     from fusion.fuse.models import load_tokenizer
 
     return load_tokenizer(folder, folder.name)
-
-
-def _copy(src: Path, dst: Path, names) -> Path:
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        (shutil.copytree if (src / name).is_dir() else shutil.copyfile)(src / name, dst / name)
-    return dst
 
 
 def _env(cwd: Path) -> dict[str, str]:
@@ -76,8 +70,8 @@ def test_knowledge_reaches_the_pivot_through_a_source_with_a_coarser_tokenizer(c
 
     from fusion.fuse.pipeline import run_fuse
 
-    root = _copy(coarse_case, tmp_path, ("fine_pivot", "fine_same", "coarse", "coarse-train.jsonl",
-                                         "coarse-heldout.jsonl"))
+    root = copy_case(coarse_case, tmp_path, ("fine_pivot", "fine_same", "coarse", "coarse-train.jsonl",
+                                             "coarse-heldout.jsonl"))
     config = write_config(root, sources=("fine_same", "coarse"), pivot="fine_pivot", data="coarse-train.jsonl",
                           heldout="coarse-heldout.jsonl", max_length=96,
                           alignment="{method: statistics, fallback: pivot}")
@@ -126,7 +120,7 @@ def test_sharded_scoring_equals_one_process_and_resumes_after_a_signal(case, tmp
     records = (case / "train.jsonl").read_text() * 2  # 96 sequences: 48 chunks a model
     runs = {}
     for name in ("sharded", "single"):
-        root = _copy(case, tmp_path / name, ("pivot", "source_b", "heldout.jsonl"))
+        root = copy_case(case, tmp_path / name, ("pivot", "source_b", "heldout.jsonl"))
         (root / "train.jsonl").write_text(records)
         runs[name] = write_config(root, sources=("source_b",), epochs=1, representations=", chunk_size: 2",
                                   training=", strategy: fsdp", lm_loss_weight=0.5)
@@ -222,7 +216,7 @@ def test_fsdp2_training_gives_the_ddp_result(case, tmp_path):
 
     from fusion.fuse.pipeline import run_fuse
 
-    root = _copy(case, tmp_path, ("pivot", "source_b", "train.jsonl", "heldout.jsonl"))
+    root = copy_case(case, tmp_path, ("pivot", "source_b", "train.jsonl", "heldout.jsonl"))
     config = write_config(root, sources=("source_b",), representations=", chunk_size: 8")
     run_fuse(config, root / "out", until="fuse", echo=lambda _m: None, progress=False)
     cache = root / "out" / "cache"

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 from ..api.errors import FusionError
 
 ROLES = ("system", "user", "assistant")

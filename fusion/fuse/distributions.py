@@ -106,7 +106,7 @@ def vocabulary(alignment: Alignment, context: VocabContext, needed: np.ndarray, 
 
 
 def apply_map(pivot: Representations, source: Representations, rows: np.ndarray, status: np.ndarray,
-              table: np.ndarray, how: np.ndarray, fallback: str = "gold", finer: np.ndarray | None = None,
+              finer: np.ndarray, table: np.ndarray, how: np.ndarray, fallback: str = "gold",
               carry: str = "coarser") -> Aligned:
     """Pass 2 over a chunk: the carried source top-k mapped onto the pivot vocabulary (each
     pivot token once, at its highest logit), and the fallback where nothing is carried.
@@ -122,7 +122,7 @@ def apply_map(pivot: Representations, source: Representations, rows: np.ndarray,
     logits = np.zeros((T, width), dtype=np.float32)
     status = np.array(status, dtype=np.uint8)
     rows = np.array(rows, dtype=np.int64)
-    if carry == "coarser" and finer is not None:
+    if carry == "coarser":
         drop = np.asarray(finer, dtype=bool) & (rows >= 0)
         rows[drop], status[drop] = -1, FALLBACK
     counted = target_mask(pivot)
@@ -162,7 +162,7 @@ def align(pivot: Representations, source: Representations, pivot_tokens: Sequenc
     context = VocabContext(pivot_tokens, source_tokens, pivot_index(pivot_tokens), counter(first["pairs"]),
                            counter(first["one_to_one"]), dict(counterparts or {}))
     table, how = vocabulary(alignment, context, first["needed"], len(source_tokens))
-    aligned = apply_map(pivot, source, first["rows"], first["status"], table, how, fallback, first["finer"], carry)
+    aligned = apply_map(pivot, source, first["rows"], first["status"], first["finer"], table, how, fallback, carry)
     aligned.coverage["vocabulary_pairs"] = len(first["pairs"])
     return aligned
 

@@ -194,7 +194,8 @@ def estimate_config(config_path: str | Path, *, world_size: int | None = None, g
     sequences = round(sequences * (1 - (config.eval_fraction if config.eval_data is None else 0)))
     found = local_gpus()
     recipe = Recipe(sequences, tokens, cfg.top_k, cfg.max_length, cfg.batch_size,
-                    2 if cfg.store_dtype == "float16" else 4, tcfg.batch_size, tcfg.dtype, tcfg.gradient_checkpointing, world_size or world()[1],
+                    2 if cfg.store_dtype == "float16" else 4, tcfg.batch_size, tcfg.dtype,
+                    tcfg.gradient_checkpointing, world_size or world()[1],
                     float(gpu_memory or (found[0] if found else 80 * GB)), config.fusion_function, [how])
     if gpu_memory is None and not found:
         recipe.notes.append("no GPU here: planned for 80 GB GPUs (--gpu-memory sets it)")

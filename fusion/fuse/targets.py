@@ -52,8 +52,8 @@ def _second_pass(c: int, weights: np.ndarray) -> None:
         s["table"], s["how"] = vocab["table"], vocab["how"]
     pivot, source = _reps(s["pivot"], c, "pivot representations"), _reps(s["source"], c, "source representations")
     first = s["align"].require(c, "alignment")
-    aligned = apply_map(pivot, source, first["rows"], first["status"], s["table"], s["how"], s["fallback"],
-                        first["finer"], s["carry"])
+    aligned = apply_map(pivot, source, first["rows"], first["status"], first["finer"], s["table"], s["how"],
+                        s["fallback"], s["carry"])
     fused = fuse(pivot, aligned, weights=weights)
     cov = aligned.coverage
     stats = np.array([cov[a][b] for a, b in STAT_NAMES], dtype=np.int64)
@@ -76,7 +76,7 @@ def stores(cache: Path, name: str, pivot: Store, source: Store, alignment: Align
 def build(*, cache: Path, name: str, pivot: Store, source: Store, pivot_tokens: Sequence[str],
           source_tokens: Sequence[str], alignment: Alignment, counterparts: dict[int, int],
           function: FusionFunction, fallback: str, store_dtype: str, rank: int, size: int, workers: int,
-          carry: str = "coarser", progress: Callable[[], None] | None = None) -> dict[str, Any] | None:
+          carry: str, progress: Callable[[], None] | None = None) -> dict[str, Any] | None:
     """Make (or reuse) the fused targets of one source; returns the summary on process 0."""
     first, (vocab_path, vocab_key), fused = stores(cache, name, pivot, source, alignment, counterparts, function,
                                                    fallback, store_dtype, carry)
@@ -86,13 +86,12 @@ def build(*, cache: Path, name: str, pivot: Store, source: Store, pivot_tokens: 
         fused.prepare()
     barrier()
     layout = pivot.layout
-    reused = _info(info_path, fused.key) is not None and load_arrays(vocab_path, vocab_key) is not None \
-        and not fused.missing()
+    vocab = load_arrays(vocab_path, vocab_key)
+    reused = _info(info_path, fused.key) is not None and vocab is not None and not fused.missing()
     state = {"pivot": pivot, "source": source, "align": first, "fused": fused, "pivot_tokens": list(pivot_tokens),
              "source_tokens": list(source_tokens), "pairs": alignment.uses_pairs, "fallback": fallback,
              "store_dtype": store_dtype, "carry": carry, "vocab_path": vocab_path, "vocab_key": vocab_key}
     mine = layout.share(rank, size) if size > 1 else list(range(layout.chunks))
-    vocab = load_arrays(vocab_path, vocab_key)
     todo = [c for c in mine if not first.done(c) and (vocab is None or not fused.done(c))]
     with Workers(workers if size == 1 else 1, _init, (state,)) as pool:
         pool.run(_first_pass, [(c,) for c in todo], progress)
