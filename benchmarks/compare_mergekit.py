@@ -220,9 +220,7 @@ def report(rows: list[dict]) -> str:
         for r in seeded:
             for tool in ("fusion", "mergekit"):
                 s = r["seeded"][tool]
-                bits = " / ".join(str(x) for x in (r["agreement"]["same"], r["agreement"]["rounding"],
-                                                   r["agreement"]["tensors"] - r["agreement"]["same"]
-                                                   - r["agreement"]["rounding"])) if tool == "fusion" else ""
+                bits = _agreement_cells(r["agreement"])[0] if tool == "fusion" else ""
                 lines.append(f"| {r['method']} | {tool} | {s['moved']:.4f} | {s['sign of Σwδ']:.4f} | "
                              f"{s['kept']:.4f} | {s['factor']:.3f} | {bits} |")
     return "\n".join(lines)

@@ -179,8 +179,7 @@ def _inputs(tp) -> list:
     views = [model.checkpoint.read(info.name) for model, info in tp.merge_sources]
     if tp.vocab is not None:
         return tp.vocab.gather(views, slice(0, tp.shape[0]))
-    rows = tp.rows if tp.rows is not None else None
-    return [(v[:rows] if rows is not None else v).to(torch.float32) for v in views]
+    return [v[:tp.rows].to(torch.float32) for v in views]  # rows None: the whole tensor
 
 
 def _cause(method: str, tp, far) -> str:

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import textwrap
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,3 +246,11 @@ def localized(recipe: Recipe, root: Path) -> str:
         text = re.sub(rf"(?<![\w./-]){re.escape(ref)}(?![\w./-])|\"{re.escape(ref)}\"|'{re.escape(ref)}'",
                       lambda _: quoted, text)
     return text
+
+
+def write_config(folder: Path, body: str, **models: Path) -> Path:
+    """``folder/merge.yaml``: ``body`` dedented, each ``{NAME}`` in it the quoted folder ``models[NAME]``
+    (a folder's path may hold characters YAML reads otherwise)."""
+    path = Path(folder) / "merge.yaml"
+    path.write_text(textwrap.dedent(body).format(**{k: json.dumps(str(v)) for k, v in models.items()}))
+    return path

@@ -6,7 +6,6 @@ in one run: one line each with its path and line, exit code 1, nothing written."
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ import fusion
 torch = pytest.importorskip("torch")
 from safetensors.torch import load_file  # noqa: E402
 
-from recipe_models import StandIn, standin_folder  # noqa: E402
+from recipe_models import StandIn, standin_folder, write_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -24,18 +23,12 @@ def llama(standins) -> dict[str, Path]:
     return {name: standin_folder(standins, StandIn("llama3", 4, i)) for i, name in enumerate("PAB")}
 
 
-def config(tmp_path: Path, body: str, **models: Path) -> Path:
-    path = tmp_path / "merge.yaml"
-    path.write_text(textwrap.dedent(body).format(**{k: json.dumps(str(v)) for k, v in models.items()}))
-    return path
-
-
 def tensors(folder: Path) -> dict:
     return load_file(folder / "model.safetensors")
 
 
 def test_dtype_is_the_output_dtype_when_out_dtype_is_absent(llama, tmp_path):
-    cfg = config(tmp_path, """\
+    cfg = write_config(tmp_path, """\
         merge_method: task_arithmetic
         base_model: {P}
         models: [{A}, {B}]
@@ -48,7 +41,7 @@ def test_dtype_is_the_output_dtype_when_out_dtype_is_absent(llama, tmp_path):
 
 
 def test_gradients_give_the_embedding_final_norm_and_head_their_first_value(llama, tmp_path):
-    cfg = config(tmp_path, """\
+    cfg = write_config(tmp_path, """\
         merge_method: linear
         models:
           - {{model: {A}, parameters: {{weight: [1, 0]}}}}
@@ -65,7 +58,7 @@ def test_gradients_give_the_embedding_final_norm_and_head_their_first_value(llam
 
 @pytest.mark.parametrize("written, value", [("1.0", True), ("0", False), ("yes", True), ("'off'", False)])
 def test_numeric_and_word_booleans_read_as_mergekit_reads_them(llama, tmp_path, written, value):
-    cfg = config(tmp_path, f"""\
+    cfg = write_config(tmp_path, f"""\
         merge_method: linear
         models: [{{A}}, {{B}}]
         parameters: {{{{normalize: {written}}}}}
@@ -75,7 +68,7 @@ def test_numeric_and_word_booleans_read_as_mergekit_reads_them(llama, tmp_path, 
 
 
 def test_name_and_settings_without_effect_are_accepted(llama, tmp_path):
-    cfg = config(tmp_path, """\
+    cfg = write_config(tmp_path, """\
         name: First
         merge_method: linear
         slices:
@@ -99,13 +92,13 @@ def test_the_plan_says_where_fusion_computes_differently_on_purpose(llama, tmp_p
         base_model: {P}
         models: [{{model: {A}, parameters: {{density: 0.5}}}}, {{model: {B}, parameters: {{density: 1}}}}]
         """
-    with fusion.plan(config(tmp_path, body, **llama)) as plan:
+    with fusion.plan(write_config(tmp_path, body, **llama)) as plan:
         notes = plan.notices
     assert any(n.startswith("float32 math: mergekit computes ties in bfloat16 here") for n in notes), notes
     assert any(n.startswith("top-k ties:") for n in notes)
-    with fusion.plan(config(tmp_path, body + "dtype: float32\n", **llama)) as plan:
+    with fusion.plan(write_config(tmp_path, body + "dtype: float32\n", **llama)) as plan:
         assert not any(n.startswith("float32 math") for n in plan.notices)
-    with fusion.plan(config(tmp_path, """\
+    with fusion.plan(write_config(tmp_path, """\
         merge_method: sce
         base_model: {P}
         models: [{A}, {B}]
@@ -119,7 +112,8 @@ def test_the_plan_says_where_fusion_computes_differently_on_purpose(llama, tmp_p
 
 
 def test_a_base_model_a_method_does_not_take_is_said(llama, tmp_path):
-    with fusion.plan(config(tmp_path, "merge_method: linear\nbase_model: {P}\nmodels: [{A}, {B}]\n", **llama)) as plan:
+    cfg = write_config(tmp_path, "merge_method: linear\nbase_model: {P}\nmodels: [{A}, {B}]\n", **llama)
+    with fusion.plan(cfg) as plan:
         assert any(n.startswith("base_model (line 2): linear takes no base model") for n in plan.notices)
 
 
@@ -152,7 +146,7 @@ def test_every_problem_of_a_config_comes_out_in_one_run(llama, tmp_path, capsys,
 
     plugin = tmp_path / "pair_plugin.py"
     plugin.write_text(PLUGIN)
-    cfg = config(tmp_path, """\
+    cfg = write_config(tmp_path, """\
         merge_method: pair
         base_model: {P}
         dype: float16
@@ -212,7 +206,7 @@ def test_every_problem_of_a_config_comes_out_in_one_run(llama, tmp_path, capsys,
     ("models: [{A}, {B}]\ntokenizer: {{source: union, padding: 8}}\n", ["tokenizer.padding", "unknown key"]),
 ])
 def test_structure_problems_name_their_path(llama, tmp_path, body, mentions):
-    cfg = config(tmp_path, "merge_method: linear\n" + body, **llama)
+    cfg = write_config(tmp_path, "merge_method: linear\n" + body, **llama)
     with pytest.raises(fusion.ConfigError) as raised:
         fusion.plan(cfg)
     assert all(m in str(raised.value) for m in mentions), str(raised.value)
@@ -220,7 +214,7 @@ def test_structure_problems_name_their_path(llama, tmp_path, body, mentions):
 
 @pytest.mark.parametrize("default", ['"*"', "null"])
 def test_a_filter_of_any_tensor_is_written_as_mergekit_writes_it(llama, tmp_path, default):
-    cfg = config(tmp_path, f"""\
+    cfg = write_config(tmp_path, f"""\
         merge_method: linear
         models: [{{A}}, {{B}}]
         parameters:

@@ -19,7 +19,8 @@ from fusion.api.random import GOLDEN, mix, tensor_seed, uniform
 torch = pytest.importorskip("torch")
 from safetensors.torch import load_file  # noqa: E402
 
-from fusion.demo import TINY_QWEN2, make_family  # noqa: E402
+from fusion.demo import TINY_QWEN2  # noqa: E402
+from hostile import family  # noqa: E402,F401
 
 PLUGIN = '''\
 import fusion
@@ -71,13 +72,6 @@ def register_strategies(register):
     register(Noise())
     register(Linear())
 '''
-
-
-@pytest.fixture
-def family(tmp_path_factory):
-    root = tmp_path_factory.mktemp("family")
-    make_family(root)
-    return root
 
 
 @pytest.fixture

@@ -18,13 +18,11 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-import fusion
 from fusion.plugins.arcee_fusion import ArceeFusion, importance, quantile_positions
 from fusion.plugins.nearswap import Nearswap
 from fusion.plugins.passthrough import Passthrough
 from fusion.plugins.ram import Ram, RamPlusTL
-
-CTX = fusion.TensorContext("tensor")
+from test_strategies import CTX, run, tensor
 
 
 def f32(x: float) -> float:
@@ -57,10 +55,6 @@ def inputs(draw, min_models=1, max_models=4):
     return shape, base, models
 
 
-def tensor(values, shape) -> torch.Tensor:
-    return torch.tensor(list(values), dtype=torch.float32).reshape(shape)
-
-
 def bits(t: torch.Tensor) -> list[int]:
     return t.contiguous().reshape(-1).view(torch.int32).tolist()
 
@@ -68,10 +62,6 @@ def bits(t: torch.Tensor) -> list[int]:
 def assert_bits_equal(out: torch.Tensor, expected: list[float], shape) -> None:
     assert out.dtype == torch.float32 and tuple(out.shape) == tuple(shape)
     assert bits(out) == bits(tensor(expected, shape)), (out.reshape(-1).tolist(), expected)
-
-
-def run(strategy, shape, base, models, params):
-    return strategy.merge(tensor(base, shape), [tensor(m, shape) for m in models], params, CTX)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
 
-from recipe_models import StandIn, standin_folder  # noqa: E402
+from recipe_models import StandIn, standin_folder, write_config  # noqa: E402
 
 
 def tensors(folder: Path) -> dict:
@@ -48,12 +48,6 @@ def qwen(standins, tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def write(tmp_path: Path, text: str, **models: Path) -> Path:
-    path = tmp_path / "merge.yaml"
-    path.write_text(textwrap.dedent(text).format(**{k: json.dumps(str(v)) for k, v in models.items()}))
-    return path
-
-
 STACK = """\
     merge_method: linear
     slices:
@@ -73,7 +67,7 @@ STACK = """\
 
 
 def test_two_models_of_8_layers_stack_into_12_as_built_by_hand(qwen, tmp_path):
-    config = write(tmp_path, STACK, A=qwen["A"], B=qwen["B"])
+    config = write_config(tmp_path, STACK, A=qwen["A"], B=qwen["B"])
     fusion.merge(config, tmp_path / "out", kernel="torch", card=False)
     out, a, b = tensors(tmp_path / "out"), tensors(qwen["A"]), tensors(qwen["B"])
 
@@ -109,7 +103,7 @@ def test_two_models_of_8_layers_stack_into_12_as_built_by_hand(qwen, tmp_path):
 
 
 def test_plan_shows_which_input_layers_each_output_layer_comes_from(qwen, tmp_path):
-    config = write(tmp_path, STACK, A=qwen["A"], B=qwen["B"])
+    config = write_config(tmp_path, STACK, A=qwen["A"], B=qwen["B"])
     with fusion.plan(config) as plan:
         text, data = plan.render(), plan.describe()
     lines = text.splitlines()
@@ -122,12 +116,13 @@ def test_plan_shows_which_input_layers_each_output_layer_comes_from(qwen, tmp_pa
 
 
 def test_modules_default_is_the_same_as_top_level_slices(qwen, tmp_path):
-    top = write(tmp_path, STACK, A=qwen["A"], B=qwen["B"])
+    top = write_config(tmp_path, STACK, A=qwen["A"], B=qwen["B"])
     fusion.merge(top, tmp_path / "top", card=False)
     body = textwrap.indent(textwrap.dedent(STACK).split("slices:\n", 1)[1].split("out_dtype")[0], "    ")
     nested = tmp_path / "nested.yaml"
-    nested.write_text(textwrap.dedent(write(tmp_path, "merge_method: linear\nmodules:\n  default:\n    slices:\n"
-                                            + body + "out_dtype: float32\n", A=qwen["A"], B=qwen["B"]).read_text()))
+    text = write_config(tmp_path, "merge_method: linear\nmodules:\n  default:\n    slices:\n" + body
+                        + "out_dtype: float32\n", A=qwen["A"], B=qwen["B"]).read_text()
+    nested.write_text(textwrap.dedent(text))
     fusion.merge(nested, tmp_path / "nested", card=False)
     assert (tmp_path / "top" / "model.safetensors").read_bytes() == (tmp_path / "nested" / "model.safetensors").read_bytes()
 
@@ -136,7 +131,7 @@ def test_gradients_restart_in_every_slice(qwen, tmp_path):
     """Two slices of 2 layers and one of 1 with A's weight [1, 0] and B's [0, 1]: the output
     layers are A, B, A, B (t runs over each slice), then B (a one-layer slice has t = 1); outside
     the layers t = 0, so the embedding and the head are A's."""
-    config = write(tmp_path, """\
+    config = write_config(tmp_path, """\
         merge_method: linear
         slices:
           - sources:
@@ -163,7 +158,7 @@ def test_per_model_filters_test_input_names_and_global_ones_output_names(qwen, t
     """A's layers 4 and 5 become output layers 0 and 1. A's own filter on `layers.5.` hits output
     layer 1 (A's weight 0 there); the global `normalize` filter on `layers.0.` hits output layer
     0 (a plain sum there), though no input tensor of that layer is named so."""
-    config = write(tmp_path, """\
+    config = write_config(tmp_path, """\
         merge_method: linear
         parameters:
           normalize: [{{filter: layers.0., value: false}}, {{value: true}}]
@@ -186,7 +181,7 @@ def test_per_model_filters_test_input_names_and_global_ones_output_names(qwen, t
 def test_a_per_slice_base_model(qwen, tmp_path):
     """task_arithmetic with the base P for slice 0 and Q for slice 1: each slice's layers take
     their own base's task vectors; the embedding the first slice's, the head the last slice's."""
-    config = write(tmp_path, """\
+    config = write_config(tmp_path, """\
         merge_method: task_arithmetic
         base_model: {P}
         slices:
@@ -224,7 +219,7 @@ def test_a_per_slice_base_model(qwen, tmp_path):
     ("- {{sources: [{{model: {A}, layer_range: [0, 4]}}], residual: 1}}", ["slices[0].residual", "unknown key"]),
 ])
 def test_slice_problems_name_their_path(qwen, tmp_path, slices, mentions):
-    config = write(tmp_path, "merge_method: linear\nslices:\n  " + slices + "\n", A=qwen["A"], B=qwen["B"])
+    config = write_config(tmp_path, "merge_method: linear\nslices:\n  " + slices + "\n", A=qwen["A"], B=qwen["B"])
     with pytest.raises(fusion.ConfigError) as raised:
         fusion.plan(config)
     message = str(raised.value)
@@ -232,7 +227,7 @@ def test_slice_problems_name_their_path(qwen, tmp_path, slices, mentions):
 
 
 def test_a_layer_range_past_the_model_and_a_base_outside_its_slice_are_reported_together(qwen, tmp_path):
-    config = write(tmp_path, """\
+    config = write_config(tmp_path, """\
         merge_method: task_arithmetic
         base_model: {P}
         slices:
@@ -244,7 +239,7 @@ def test_a_layer_range_past_the_model_and_a_base_outside_its_slice_are_reported_
     lines = str(raised.value).splitlines()
     assert any(line.startswith("slices[0].sources (line 4): the base model") for line in lines), lines
     with pytest.raises(fusion.ConfigError) as raised:
-        fusion.plan(write(tmp_path, """\
+        fusion.plan(write_config(tmp_path, """\
             merge_method: linear
             slices:
               - sources: [{{model: {A}, layer_range: [6, 10]}}, {{model: {B}, layer_range: [6, 10]}}]

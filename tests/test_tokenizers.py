@@ -7,7 +7,6 @@ zeros, the base model's row, or the mean of the models that have it)."""
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
 
-from recipe_models import StandIn, standin_folder  # noqa: E402
+from recipe_models import StandIn, standin_folder, write_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +38,7 @@ def rows(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
 
 def merge(tmp_path: Path, models: dict[str, Path], body: str, **kw) -> Path:
     tmp_path.mkdir(parents=True, exist_ok=True)
-    config = tmp_path / "merge.yaml"
-    names = {k: json.dumps(str(v)) for k, v in models.items()}
-    config.write_text(textwrap.dedent(body).format(**names))
-    fusion.merge(config, tmp_path / "out", card=False, **kw)
+    fusion.merge(write_config(tmp_path, body, **models), tmp_path / "out", card=False, **kw)
     return tmp_path / "out"
 
 
