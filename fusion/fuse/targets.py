@@ -24,6 +24,9 @@ from .parallel import Workers, barrier
 from .represent import Representations
 from .shards import Store
 
+#: the alignment chunks' layout, part of their store's key: chunks of another layout (from
+#: another version of this stage) are made again instead of being read as done
+ALIGN_FORMAT = 2
 STAT_NAMES = (("positions", "exact"), ("positions", "mapped"), ("positions", "fallback"),
               ("topk_tokens", "exact"), ("topk_tokens", "mapped"), ("topk_tokens", "dropped"))
 _state: dict[str, Any] = {}
@@ -66,7 +69,7 @@ def stores(cache: Path, name: str, pivot: Store, source: Store, alignment: Align
            store_dtype: str, carry: str) -> tuple[Store, tuple[Path, str], Store]:
     """The alignment chunks, the vocabulary map file (and its key) and the fused chunks of one
     source, each keyed by what it is made from."""
-    first = targets_key("align", pivot.key, source.key, alignment.uses_pairs)
+    first = targets_key("align", ALIGN_FORMAT, pivot.key, source.key, alignment.uses_pairs)
     vocab = targets_key("vocab", first, alignment.name, sorted(counterparts.items()))
     fused = targets_key("fused", vocab, fallback, carry, function.name, store_dtype)
     return (Store(cache / f"align-{name}", first, pivot.layout), (cache / f"vocab-{name}.safetensors", vocab),
