@@ -215,8 +215,8 @@ def report(rows: list[dict]) -> str:
     seeded = [r for r in rows if r["method"] in RANDOM]
     if seeded:
         lines += ["", "| seeded method | tool | entries moved (3 models) | of which with the sign of Σwδ | "
-                      "kept at density 0.3 (1 model) | rescale factor (1 model) | float32 runs as configured (densities 0.5, 0.4, 0.6): "
-                      "same / within rounding / differ |", "|---|---|---|---|---|---|---|"]
+                      "kept at density 0.3 (1 model) | rescale factor (1 model) | float32 runs as configured "
+                      "(densities 0.5, 0.4, 0.6): same / within rounding / differ |", "|---|---|---|---|---|---|---|"]
         for r in seeded:
             for tool in ("fusion", "mergekit"):
                 s = r["seeded"][tool]
