@@ -20,7 +20,6 @@ compiled path follows the same order.
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from .params import Param
@@ -137,7 +136,7 @@ class TaskVectorMerge(Strategy):
         bad, _ = kernels.sparsified_merge(
             out, base, tensors, weights, rules, rescale=rescale, elect_signs=self.consensus,
             normalize=params["normalize"] if self.consensus else divides_by_the_weights(params),
-            scale=params["lambda"], shape=context.shape if math.prod(context.shape) == n else (n,),
+            scale=params["lambda"], shape=context.shape,
             first=context.start, threads=threads, release=release)
         return bad
 
