@@ -160,6 +160,11 @@ typedef void (*pass_fn)(void *arg, int tid);
 void *zalloc(size_t bytes);
 void zfree(void *p, size_t bytes);
 
+/* How many of `threads` threads are worth starting on n elements in `parts` indivisible parts:
+ * at least 1, at most one per part and MAX_THREADS, fewer on small tensors. */
+int useful_threads(int threads, int64_t parts, int64_t n);
+/* lo[0..nth] = the bounds of n items split into nth ranges whose sizes differ by one at most */
+void split_even(int64_t *lo, int64_t n, int nth);
 /* Split [0, n) into ranges for up to `threads` threads (fewer on small tensors). */
 void job_split(job_t *job, int64_t n, int threads);
 /* Run fn(arg, t) for every thread t of the job, on pthreads, and wait for them. */

@@ -20,17 +20,27 @@ void zfree(void *p, size_t bytes) {
     if (p) munmap(p, bytes ? bytes : 1);
 }
 
-void job_split(job_t *job, int64_t n, int threads) {
+int useful_threads(int threads, int64_t parts, int64_t n) {
     /* below this many elements per thread, starting a thread costs more than it saves */
-    int64_t per_thread_min = 1 << 16;
-    int t, nth = threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads);
+    const int64_t per_thread_min = 1 << 16;
+    int64_t nth = threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads);
+    if (nth > parts) nth = parts;
+    if (nth > n / per_thread_min + 1) nth = n / per_thread_min + 1;
+    return nth < 1 ? 1 : (int)nth;
+}
+
+void split_even(int64_t *lo, int64_t n, int nth) {
+    int t;
+    for (t = 0; t <= nth; t++) lo[t] = n / nth * t + (n % nth) * t / nth;
+}
+
+void job_split(job_t *job, int64_t n, int threads) {
+    int nth = useful_threads(threads, n, n);
     job->n = n;
-    if (n / per_thread_min + 1 < nth) nth = (int)(n / per_thread_min + 1);
     /* each thread's histogram counts are 32-bit */
     while (nth < MAX_THREADS && n / nth >= ((int64_t)1 << 32) - 1) nth++;
     job->nth = nth;
-    for (t = 0; t <= nth; t++) job->lo[t] = n / nth * t + (n % nth) * t / nth;
-    job->lo[nth] = n;
+    split_even(job->lo, n, nth);
 }
 
 typedef struct {
