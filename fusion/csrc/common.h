@@ -169,9 +169,10 @@ void split_even(int64_t *lo, int64_t n, int nth);
 void job_split(job_t *job, int64_t n, int threads);
 /* Run fn(arg, t) for every thread t of the job, on pthreads, and wait for them. */
 void run_threads(void *arg, const job_t *job, pass_fn fn);
+/* run_threads for the pass that stores the output: the non-finite values its threads wrote */
+int64_t run_stores(void *arg, const job_t *job, pass_fn fn);
 /* Drop thread tid's pages of every input below `upto` (when job->release). */
 void release_upto(const job_t *job, int tid, int64_t upto);
-int64_t job_bad(const job_t *job);
 
 /* The length of the block at pos in thread tid's range */
 INLINE int block_len(const job_t *job, int tid, int64_t pos) {

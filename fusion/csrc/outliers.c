@@ -239,7 +239,7 @@ HOT static void pass_keep(void *p, int tid) {
 
 int64_t outlier_merge_run(outlier_job *s, int threads) {
     job_t *job = &s->job;
-    int64_t n = job->n, t, rows = s->rows;
+    int64_t n = job->n, t, rows = s->rows, bad;
     int nth;
     float value[3];
     if (n == 0) return 0;
@@ -265,7 +265,7 @@ int64_t outlier_merge_run(outlier_job *s, int threads) {
         return -1;
     }
     s->threshold = value[1] + 1.5f * (value[2] - value[0]);
-    run_threads(s, job, pass_keep);
+    bad = run_stores(s, job, pass_keep);
     zfree(s->kl, s->kl_bytes);
-    return job_bad(job);
+    return bad;
 }

@@ -85,9 +85,10 @@ void release_upto(const job_t *job, int tid, int64_t upto) {
     }
 }
 
-int64_t job_bad(const job_t *job) {
-    int64_t s = 0;
+int64_t run_stores(void *arg, const job_t *job, pass_fn fn) {
+    int64_t bad = 0;
     int t;
-    for (t = 0; t < job->nth; t++) s += job->bad[t];
-    return s;
+    run_threads(arg, job, fn);
+    for (t = 0; t < job->nth; t++) bad += job->bad[t];
+    return bad;
 }

@@ -180,6 +180,5 @@ HOT static void pass_combination(void *p, int tid) {
 }
 
 int64_t combination_run(combination_job *s) {
-    run_threads(s, &s->job, pass_combination);
-    return job_bad(&s->job);
+    return run_stores(s, &s->job, pass_combination);
 }
