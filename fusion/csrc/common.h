@@ -171,6 +171,9 @@ void job_split(job_t *job, int64_t n, int threads);
 void run_threads(void *arg, const job_t *job, pass_fn fn);
 /* run_threads for the pass that stores the output: the non-finite values its threads wrote */
 int64_t run_stores(void *arg, const job_t *job, pass_fn fn);
+/* Drop this process's whole pages of input `in` over elements [from, upto) (read-only file maps
+ * only: the caller checks job->release). */
+void release_span(const job_t *job, int in, int64_t from, int64_t upto);
 /* Drop thread tid's pages of every input below `upto` (when job->release). */
 void release_upto(const job_t *job, int tid, int64_t upto);
 

@@ -72,17 +72,19 @@ void run_threads(void *arg, const job_t *job, pass_fn fn) {
 
 /* The inputs are read-only maps of files: dropping their pages from this process keeps the
  * data in the page cache and resident memory flat on huge tensors. */
-void release_upto(const job_t *job, int tid, int64_t upto) {
+void release_span(const job_t *job, int in, int64_t from, int64_t upto) {
     long page = sysconf(_SC_PAGESIZE);
+    uintptr_t a = (uintptr_t)job->in[in] + (uintptr_t)(from * dt_size(job->dt[in]));
+    uintptr_t b = (uintptr_t)job->in[in] + (uintptr_t)(upto * dt_size(job->dt[in]));
+    a = (a + page - 1) & ~(uintptr_t)(page - 1);
+    b &= ~(uintptr_t)(page - 1);
+    if (b > a) madvise((void *)a, b - a, MADV_DONTNEED);
+}
+
+void release_upto(const job_t *job, int tid, int64_t upto) {
     int i;
     if (!job->release) return;
-    for (i = 0; i < job->nin; i++) {
-        uintptr_t a = (uintptr_t)job->in[i] + (uintptr_t)(job->lo[tid] * dt_size(job->dt[i]));
-        uintptr_t b = (uintptr_t)job->in[i] + (uintptr_t)(upto * dt_size(job->dt[i]));
-        a = (a + page - 1) & ~(uintptr_t)(page - 1);
-        b &= ~(uintptr_t)(page - 1);
-        if (b > a) madvise((void *)a, b - a, MADV_DONTNEED);
-    }
+    for (i = 0; i < job->nin; i++) release_span(job, i, job->lo[tid], upto);
 }
 
 int64_t run_stores(void *arg, const job_t *job, pass_fn fn) {
