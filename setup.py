@@ -16,10 +16,8 @@ from setuptools import Extension, find_packages, setup
 # -fvisibility=hidden: the sources call each other, but only PyInit__kernels is the module's.
 args = [] if sys.platform == "win32" else ["-O3", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno",
                                           "-std=c99", "-D_GNU_SOURCE", "-pthread", "-fvisibility=hidden"]
-# One extension from several sources, split by concern (fusion/csrc/compose.h lists what they compute).
-sources = [f"fusion/csrc/{name}.c" for name in ("module", "threads", "convert", "select", "sparsify",
-                                                  "ranks", "sums", "sparse_merge", "variance_merge", "vectors",
-                                                  "blend", "changes", "outliers", "bindings")]
+# One extension from every source in fusion/csrc, split by concern (compose.h lists what they compute).
+csrc = Path("fusion/csrc")
 mapped = {"fusion.plugins": "plugins", "fusion.registry": "registry"}
 packages = find_packages(include=["fusion", "fusion.*"], exclude=["fusion.csrc"])
 for name, folder in mapped.items():
@@ -32,8 +30,8 @@ setup(
     exclude_package_data={"fusion": ["csrc/*"]},
     ext_modules=[Extension(
         "fusion.api._kernels",
-        sources=sources,
-        depends=sorted(str(p) for p in Path("fusion/csrc").glob("*.h")),
+        sources=sorted(str(p) for p in csrc.glob("*.c")),
+        depends=sorted(str(p) for p in csrc.glob("*.h")),
         extra_compile_args=args,
         extra_link_args=[] if sys.platform == "win32" else ["-pthread"],
         optional=True,

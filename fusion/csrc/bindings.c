@@ -13,12 +13,10 @@ PyObject *py_gram(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "OpLLpOip", &inputs, &has_base, &rows, &cols, &columns, &out, &threads,
                           &release))
         return NULL;
-    if (!(g = (gram_job *)new_job(sizeof(gram_job)))) return NULL;
     /* the job's own output is unused: the sums go to g->out */
-    if (!parse_job(&g->job, out, DT_F32, rows * cols, inputs, has_base ? 2 : 1, threads, release)) {
-        zfree(g, sizeof(gram_job));
+    if (!(g = (gram_job *)new_job(sizeof(gram_job), out, DT_F32, rows * cols, inputs, has_base ? 2 : 1, threads,
+                                  release)))
         return NULL;
-    }
     g->out = (double *)g->job.out;
     g->has_base = has_base;
     g->nv = g->job.nin - (has_base ? 1 : 0);
@@ -44,11 +42,9 @@ PyObject *py_combination(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "OiOpLLpOip", &out, &out_dt, &inputs, &has_base, &rows, &cols, &columns, &coef,
                           &threads, &release))
         return NULL;
-    if (!(c = (combination_job *)new_job(sizeof(combination_job)))) return NULL;
-    if (!parse_job(&c->job, out, out_dt, rows * cols, inputs, has_base ? 2 : 1, threads, release)) {
-        zfree(c, sizeof(combination_job));
+    if (!(c = (combination_job *)new_job(sizeof(combination_job), out, out_dt, rows * cols, inputs,
+                                         has_base ? 2 : 1, threads, release)))
         return NULL;
-    }
     c->coef = (const float *)PyLong_AsVoidPtr(coef);
     if (PyErr_Occurred()) {
         zfree(c, sizeof(combination_job));
@@ -75,11 +71,7 @@ PyObject *py_distance_blend(PyObject *self, PyObject *args) {
     blend_job *s;
     int64_t bad;
     if (!PyArg_ParseTuple(args, "OiLOdip", &out, &out_dt, &n, &inputs, &t, &threads, &release)) return NULL;
-    if (!(s = (blend_job *)new_job(sizeof(blend_job)))) return NULL;
-    if (!parse_job(&s->job, out, out_dt, n, inputs, 2, threads, release)) {
-        zfree(s, sizeof(blend_job));
-        return NULL;
-    }
+    if (!(s = (blend_job *)new_job(sizeof(blend_job), out, out_dt, n, inputs, 2, threads, release))) return NULL;
     if (s->job.nin != 2) {
         zfree(s, sizeof(blend_job));
         PyErr_SetString(PyExc_ValueError, "the distance blend takes a base and one other input");
@@ -104,9 +96,8 @@ PyObject *py_changed_mean(PyObject *self, PyObject *args) {
     int64_t bad;
     if (!PyArg_ParseTuple(args, "OiLOdOip", &out, &out_dt, &n, &inputs, &eps, &scales, &threads, &release))
         return NULL;
-    if (!(s = (changes_job *)new_job(sizeof(changes_job)))) return NULL;
-    if (!parse_job(&s->job, out, out_dt, n, inputs, 2, threads, release) ||
-        (scales != Py_None && !parse_floats(scales, s->scale, s->job.nin - 1, "scales"))) {
+    if (!(s = (changes_job *)new_job(sizeof(changes_job), out, out_dt, n, inputs, 2, threads, release))) return NULL;
+    if (scales != Py_None && !parse_floats(scales, s->scale, s->job.nin - 1, "scales")) {
         zfree(s, sizeof(changes_job));
         return NULL;
     }
@@ -128,14 +119,11 @@ PyObject *py_change_counts(PyObject *self, PyObject *args) {
     changes_job *s;
     int64_t shared[MAX_INPUTS], unique[MAX_INPUTS];
     if (!PyArg_ParseTuple(args, "LOdip", &n, &inputs, &eps, &threads, &release)) return NULL;
-    if (!(s = (changes_job *)new_job(sizeof(changes_job)))) return NULL;
     /* nothing is written: the job's output is address 0 */
-    if (!(nowhere = PyLong_FromLong(0)) || !parse_job(&s->job, nowhere, DT_F32, n, inputs, 2, threads, release)) {
-        Py_XDECREF(nowhere);
-        zfree(s, sizeof(changes_job));
-        return NULL;
-    }
+    if (!(nowhere = PyLong_FromLong(0))) return NULL;
+    s = (changes_job *)new_job(sizeof(changes_job), nowhere, DT_F32, n, inputs, 2, threads, release);
     Py_DECREF(nowhere);
+    if (!s) return NULL;
     s->eps = (float)eps;
     Py_BEGIN_ALLOW_THREADS
     change_counts_run(s, shared, unique);
@@ -164,11 +152,8 @@ PyObject *py_outlier_merge(PyObject *self, PyObject *args) {
     outlier_job *s;
     int64_t bad;
     if (!PyArg_ParseTuple(args, "OiOLLip", &out, &out_dt, &inputs, &rows, &cols, &threads, &release)) return NULL;
-    if (!(s = (outlier_job *)new_job(sizeof(outlier_job)))) return NULL;
-    if (!parse_job(&s->job, out, out_dt, rows * cols, inputs, 2, threads, release)) {
-        zfree(s, sizeof(outlier_job));
+    if (!(s = (outlier_job *)new_job(sizeof(outlier_job), out, out_dt, rows * cols, inputs, 2, threads, release)))
         return NULL;
-    }
     if (s->job.nin != 2) {
         zfree(s, sizeof(outlier_job));
         PyErr_SetString(PyExc_ValueError, "the outlier merge takes a base and one other input");

@@ -8,12 +8,13 @@
 
 #include "compose.h"
 
-/* out: an address; inputs: a sequence of (address, dtype code) pairs, at least min_inputs */
-int parse_job(job_t *job, PyObject *out, int out_dt, long long n, PyObject *inputs, int min_inputs, int threads,
+/* A composition of `size` bytes whose first member is its job (zeroed pages from mmap), the job
+ * filled from out (an address) and inputs (a sequence of (address, dtype code) pairs, at least
+ * min_inputs); NULL with a Python error set. */
+void *new_job(size_t size, PyObject *out, int out_dt, long long n, PyObject *inputs, int min_inputs, int threads,
               int release);
+/* count numbers of a sequence o, rounded to float32 */
 int parse_floats(PyObject *o, float *dst, int count, const char *what);
-/* A composition's job: zeroed pages from mmap (a Python error is set when out of memory). */
-void *new_job(size_t size);
 /* A non-finite count as a Python int (MemoryError for -1) */
 PyObject *result(int64_t bad);
 

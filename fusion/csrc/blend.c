@@ -29,6 +29,5 @@ HOT static void pass_distance_blend(void *p, int tid) {
 }
 
 int64_t distance_blend_run(blend_job *s) {
-    run_threads(s, &s->job, pass_distance_blend);
-    return job_bad(&s->job);
+    return run_stores(s, &s->job, pass_distance_blend);
 }

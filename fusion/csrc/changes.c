@@ -45,8 +45,7 @@ HOT static void pass_changed_mean(void *p, int tid) {
 }
 
 int64_t changed_mean_run(changes_job *s) {
-    run_threads(s, &s->job, pass_changed_mean);
-    return job_bad(&s->job);
+    return run_stores(s, &s->job, pass_changed_mean);
 }
 
 HOT static void pass_change_counts(void *p, int tid) {

@@ -160,13 +160,22 @@ typedef void (*pass_fn)(void *arg, int tid);
 void *zalloc(size_t bytes);
 void zfree(void *p, size_t bytes);
 
+/* How many of `threads` threads are worth starting on n elements in `parts` indivisible parts:
+ * at least 1, at most one per part and MAX_THREADS, fewer on small tensors. */
+int useful_threads(int threads, int64_t parts, int64_t n);
+/* lo[0..nth] = the bounds of n items split into nth ranges whose sizes differ by one at most */
+void split_even(int64_t *lo, int64_t n, int nth);
 /* Split [0, n) into ranges for up to `threads` threads (fewer on small tensors). */
 void job_split(job_t *job, int64_t n, int threads);
 /* Run fn(arg, t) for every thread t of the job, on pthreads, and wait for them. */
 void run_threads(void *arg, const job_t *job, pass_fn fn);
+/* run_threads for the pass that stores the output: the non-finite values its threads wrote */
+int64_t run_stores(void *arg, const job_t *job, pass_fn fn);
+/* Drop this process's whole pages of input `in` over elements [from, upto) (read-only file maps
+ * only: the caller checks job->release). */
+void release_span(const job_t *job, int in, int64_t from, int64_t upto);
 /* Drop thread tid's pages of every input below `upto` (when job->release). */
 void release_upto(const job_t *job, int tid, int64_t upto);
-int64_t job_bad(const job_t *job);
 
 /* The length of the block at pos in thread tid's range */
 INLINE int block_len(const job_t *job, int tid, int64_t pos) {

@@ -7,25 +7,21 @@
  */
 #include "bindings.h"
 
-static int parse_dtype(PyObject *o, int *dt) {
-    long v = PyLong_AsLong(o);
-    if (v == -1 && PyErr_Occurred()) return 0;
-    if (v < DT_F32 || v > DT_BF16) {
-        PyErr_SetString(PyExc_ValueError, "unsupported dtype code");
-        return 0;
-    }
-    *dt = (int)v;
-    return 1;
-}
-
-static int check_dtype(int dt) {
+static int check_dtype(long dt) {
     if (dt >= DT_F32 && dt <= DT_BF16) return 1;
     PyErr_SetString(PyExc_ValueError, "unsupported dtype code");
     return 0;
 }
 
+static int parse_dtype(PyObject *o, int *dt) {
+    long v = PyLong_AsLong(o);
+    if ((v == -1 && PyErr_Occurred()) || !check_dtype(v)) return 0;
+    *dt = (int)v;
+    return 1;
+}
+
 /* out: an address; inputs: a sequence of (address, dtype code) pairs, at least min_inputs */
-int parse_job(job_t *job, PyObject *out, int out_dt, long long n, PyObject *inputs, int min_inputs,
+static int parse_job(job_t *job, PyObject *out, int out_dt, long long n, PyObject *inputs, int min_inputs,
               int threads, int release) {
     PyObject *seq;
     Py_ssize_t i, count;
@@ -145,10 +141,15 @@ static int parse_sparsifier(sparsifier *sp, PyObject *params, int nmodels) {
 }
 
 /* A composition's job: large (per-thread tables), so zeroed pages from mmap. */
-void *new_job(size_t size) {
-    void *p = zalloc(size);
-    if (!p) PyErr_NoMemory();
-    return p;
+void *new_job(size_t size, PyObject *out, int out_dt, long long n, PyObject *inputs, int min_inputs, int threads,
+              int release) {
+    job_t *job = (job_t *)zalloc(size);
+    if (!job) return PyErr_NoMemory();
+    if (!parse_job(job, out, out_dt, n, inputs, min_inputs, threads, release)) {
+        zfree(job, size);
+        return NULL;
+    }
+    return job;
 }
 
 PyObject *result(int64_t bad) {
@@ -168,9 +169,9 @@ static PyObject *py_weighted_sum(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "OiLOOpdpdip", &out, &out_dt, &n, &inputs, &weights, &has_base, &scale,
                           &normalize, &divisor, &threads, &release))
         return NULL;
-    if (!(s = (sum_job *)new_job(sizeof(sum_job)))) return NULL;
-    if (!parse_job(&s->job, out, out_dt, n, inputs, has_base ? 2 : 1, threads, release) ||
-        !parse_floats(weights, s->w + has_base, s->job.nin - has_base, "weights")) {
+    if (!(s = (sum_job *)new_job(sizeof(sum_job), out, out_dt, n, inputs, has_base ? 2 : 1, threads, release)))
+        return NULL;
+    if (!parse_floats(weights, s->w + has_base, s->job.nin - has_base, "weights")) {
         zfree(s, sizeof(sum_job));
         return NULL;
     }
@@ -204,9 +205,8 @@ static PyObject *py_sparse_merge(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "the rows do not cover the tensor");
         return NULL;
     }
-    if (!(s = (sparse_job *)new_job(sizeof(sparse_job)))) return NULL;
-    if (!parse_job(&s->job, out, out_dt, n, inputs, 2, threads, release) ||
-        !parse_floats(weights, s->w, s->job.nin - 1, "weights") ||
+    if (!(s = (sparse_job *)new_job(sizeof(sparse_job), out, out_dt, n, inputs, 2, threads, release))) return NULL;
+    if (!parse_floats(weights, s->w, s->job.nin - 1, "weights") ||
         !parse_sparsifier(&s->sp, params, s->job.nin - 1) ||
         !parse_masks(masks, s->mask, s->job.nin - 1)) {
         zfree(s, sizeof(sparse_job));
@@ -250,8 +250,8 @@ static PyObject *py_variance_merge(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "OiLOdpdipO", &out, &out_dt, &n, &inputs, &fraction, &mask_deltas, &scale,
                           &threads, &release, &mask))
         return NULL;
-    if (!(v = (variance_job *)new_job(sizeof(variance_job)))) return NULL;
-    if (!parse_job(&v->job, out, out_dt, n, inputs, 2, threads, release) || !parse_masks(mask, &v->mask, 1)) {
+    if (!(v = (variance_job *)new_job(sizeof(variance_job), out, out_dt, n, inputs, 2, threads, release))) return NULL;
+    if (!parse_masks(mask, &v->mask, 1)) {
         zfree(v, sizeof(variance_job));
         return NULL;
     }

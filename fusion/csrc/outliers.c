@@ -239,20 +239,16 @@ HOT static void pass_keep(void *p, int tid) {
 
 int64_t outlier_merge_run(outlier_job *s, int threads) {
     job_t *job = &s->job;
-    int64_t n = job->n, t, rows = s->rows;
+    int64_t n = job->n, t, rows = s->rows, bad;
     int nth;
     float value[3];
     if (n == 0) return 0;
     /* row divergences: whole rows per thread */
     s->rows_job = *job;
-    nth = threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads);
-    if (nth > rows) nth = (int)rows;
-    if (nth > n / ((int64_t)1 << 16) + 1) nth = (int)(n / ((int64_t)1 << 16) + 1);
+    nth = useful_threads(threads, rows, n);
     s->rows_job.nth = nth;
-    for (t = 0; t <= nth; t++) {
-        s->row_lo[t] = rows / nth * t + (rows % nth) * t / nth;
-        s->rows_job.lo[t] = s->row_lo[t] * s->cols;
-    }
+    split_even(s->row_lo, rows, nth);
+    for (t = 0; t <= nth; t++) s->rows_job.lo[t] = s->row_lo[t] * s->cols;
     s->kl_bytes = sizeof(float) * (size_t)rows;
     s->scratch_bytes = sizeof(double) * 2 * (size_t)s->cols;
     if (!(s->kl = (float *)zalloc(s->kl_bytes))) return -1;
@@ -269,7 +265,7 @@ int64_t outlier_merge_run(outlier_job *s, int threads) {
         return -1;
     }
     s->threshold = value[1] + 1.5f * (value[2] - value[0]);
-    run_threads(s, job, pass_keep);
+    bad = run_stores(s, job, pass_keep);
     zfree(s->kl, s->kl_bytes);
-    return job_bad(job);
+    return bad;
 }

@@ -18,8 +18,6 @@
 #include "sparsify.h"
 
 #include <stdlib.h>
-#include <sys/mman.h>
-#include <unistd.h>
 
 typedef struct {
     const job_t *job;
@@ -82,16 +80,6 @@ INLINE void set_bit(unsigned char *bits, int64_t f, int atomic) {
     unsigned char b = (unsigned char)(1u << (f & 7));
     if (atomic) __atomic_fetch_or(&bits[f >> 3], b, __ATOMIC_RELAXED);
     else bits[f >> 3] |= b;
-}
-
-/* Drop this process's pages of input `in` over elements [from, upto) (read-only file maps only). */
-static void release_span(const job_t *job, int in, int64_t from, int64_t upto) {
-    long page = sysconf(_SC_PAGESIZE);
-    uintptr_t a = (uintptr_t)job->in[in] + (uintptr_t)(from * dt_size(job->dt[in]));
-    uintptr_t b = (uintptr_t)job->in[in] + (uintptr_t)(upto * dt_size(job->dt[in]));
-    a = (a + page - 1) & ~(uintptr_t)(page - 1);
-    b &= ~(uintptr_t)(page - 1);
-    if (b > a) madvise((void *)a, b - a, MADV_DONTNEED);
 }
 
 /* One row of `length` entries `inner` apart from flat index `first`, of input `in`, widened */

@@ -20,30 +20,32 @@ void sel_free(selector *s) {
     s->hist_hi = s->hist_lo = NULL;
 }
 
-int sel_after_hi(selector *s, int nth) {
-    int64_t above = 0, t;
+/* The highest bucket b of a [nth][65536] count table where the counts summed from the top,
+ * after *above others, reach k: *above becomes the count above b, *count the count at b. */
+static int top_bucket(const uint32_t *hist, int nth, int64_t k, int64_t *above, int64_t *count) {
+    int64_t seen = *above, c = 0, t;
     int b;
-    if (s->mode != SEL_THRESHOLD) return 0;
     for (b = 65535; b >= 0; b--) {
-        int64_t c = 0;
-        for (t = 0; t < nth; t++) c += s->hist_hi[(size_t)t * 65536 + b];
-        if (above + c >= s->k) break;
-        above += c;
+        for (c = 0, t = 0; t < nth; t++) c += hist[(size_t)t * 65536 + b];
+        if (seen + c >= k) break;
+        seen += c;
     }
-    s->bucket = (uint32_t)b;
+    *above = seen;
+    *count = c;
+    return b;
+}
+
+int sel_after_hi(selector *s, int nth) {
+    int64_t above = 0, c;
+    if (s->mode != SEL_THRESHOLD) return 0;
+    s->bucket = (uint32_t)top_bucket(s->hist_hi, nth, s->k, &above, &c);
     s->above_hi = above;
     return 1;
 }
 
 void sel_after_lo(selector *s, int nth) {
     int64_t above = s->above_hi, c = 0, t;
-    int b;
-    for (b = 65535; b >= 0; b--) {
-        c = 0;
-        for (t = 0; t < nth; t++) c += s->hist_lo[(size_t)t * 65536 + b];
-        if (above + c >= s->k) break;
-        above += c;
-    }
+    int b = top_bucket(s->hist_lo, nth, s->k, &above, &c);
     s->T = (s->bucket << 16) | (uint32_t)b;
     s->tl = (uint32_t)b;
     s->need = (uint64_t)(s->k - above);

@@ -62,10 +62,7 @@ HOT static void pass_sparse_merge(void *p, int tid) {
 int64_t sparse_merge_run(sparse_job *s) {
     int64_t bad = -1;
     s->sp.nmodels = s->job.nin - 1;
-    if (sparsify_prepare(&s->job, &s->sp) == 0) {
-        run_threads(s, &s->job, pass_sparse_merge);
-        bad = job_bad(&s->job);
-    }
+    if (sparsify_prepare(&s->job, &s->sp) == 0) bad = run_stores(s, &s->job, pass_sparse_merge);
     sparsify_free(&s->sp);
     return bad;
 }

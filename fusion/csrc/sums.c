@@ -35,6 +35,5 @@ HOT static void pass_weighted_sum(void *p, int tid) {
 }
 
 int64_t weighted_sum_run(sum_job *s) {
-    run_threads(s, &s->job, pass_weighted_sum);
-    return job_bad(&s->job);
+    return run_stores(s, &s->job, pass_weighted_sum);
 }

@@ -20,17 +20,27 @@ void zfree(void *p, size_t bytes) {
     if (p) munmap(p, bytes ? bytes : 1);
 }
 
-void job_split(job_t *job, int64_t n, int threads) {
+int useful_threads(int threads, int64_t parts, int64_t n) {
     /* below this many elements per thread, starting a thread costs more than it saves */
-    int64_t per_thread_min = 1 << 16;
-    int t, nth = threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads);
+    const int64_t per_thread_min = 1 << 16;
+    int64_t nth = threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads);
+    if (nth > parts) nth = parts;
+    if (nth > n / per_thread_min + 1) nth = n / per_thread_min + 1;
+    return nth < 1 ? 1 : (int)nth;
+}
+
+void split_even(int64_t *lo, int64_t n, int nth) {
+    int t;
+    for (t = 0; t <= nth; t++) lo[t] = n / nth * t + (n % nth) * t / nth;
+}
+
+void job_split(job_t *job, int64_t n, int threads) {
+    int nth = useful_threads(threads, n, n);
     job->n = n;
-    if (n / per_thread_min + 1 < nth) nth = (int)(n / per_thread_min + 1);
     /* each thread's histogram counts are 32-bit */
     while (nth < MAX_THREADS && n / nth >= ((int64_t)1 << 32) - 1) nth++;
     job->nth = nth;
-    for (t = 0; t <= nth; t++) job->lo[t] = n / nth * t + (n % nth) * t / nth;
-    job->lo[nth] = n;
+    split_even(job->lo, n, nth);
 }
 
 typedef struct {
@@ -62,22 +72,25 @@ void run_threads(void *arg, const job_t *job, pass_fn fn) {
 
 /* The inputs are read-only maps of files: dropping their pages from this process keeps the
  * data in the page cache and resident memory flat on huge tensors. */
-void release_upto(const job_t *job, int tid, int64_t upto) {
+void release_span(const job_t *job, int in, int64_t from, int64_t upto) {
     long page = sysconf(_SC_PAGESIZE);
-    int i;
-    if (!job->release) return;
-    for (i = 0; i < job->nin; i++) {
-        uintptr_t a = (uintptr_t)job->in[i] + (uintptr_t)(job->lo[tid] * dt_size(job->dt[i]));
-        uintptr_t b = (uintptr_t)job->in[i] + (uintptr_t)(upto * dt_size(job->dt[i]));
-        a = (a + page - 1) & ~(uintptr_t)(page - 1);
-        b &= ~(uintptr_t)(page - 1);
-        if (b > a) madvise((void *)a, b - a, MADV_DONTNEED);
-    }
+    uintptr_t a = (uintptr_t)job->in[in] + (uintptr_t)(from * dt_size(job->dt[in]));
+    uintptr_t b = (uintptr_t)job->in[in] + (uintptr_t)(upto * dt_size(job->dt[in]));
+    a = (a + page - 1) & ~(uintptr_t)(page - 1);
+    b &= ~(uintptr_t)(page - 1);
+    if (b > a) madvise((void *)a, b - a, MADV_DONTNEED);
 }
 
-int64_t job_bad(const job_t *job) {
-    int64_t s = 0;
+void release_upto(const job_t *job, int tid, int64_t upto) {
+    int i;
+    if (!job->release) return;
+    for (i = 0; i < job->nin; i++) release_span(job, i, job->lo[tid], upto);
+}
+
+int64_t run_stores(void *arg, const job_t *job, pass_fn fn) {
+    int64_t bad = 0;
     int t;
-    for (t = 0; t < job->nth; t++) s += job->bad[t];
-    return s;
+    run_threads(arg, job, fn);
+    for (t = 0; t < job->nth; t++) bad += job->bad[t];
+    return bad;
 }

@@ -251,8 +251,7 @@ int64_t variance_merge_run(variance_job *v) {
     for (i = 0; i < nm; i++) total = total + v->energy_out[i];
     for (i = 0; i < nm; i++) v->eta[i] = (float)(total == 0.0 ? 1.0 / nm : v->energy_out[i] / total);
     v->pass = PASS_MERGE;
-    run_threads(v, job, pass_merge);
-    bad = job_bad(job);
+    bad = run_stores(v, job, pass_merge);
 done:
     zfree(v->elo, (size_t)job->nth * 65536 * nm * 8);
     v->elo = NULL;

@@ -10,22 +10,11 @@
  * in order at the end of the row; the whole tensor in chunks of GRAM_CHUNK elements summed alike,
  * the chunks' sums added in chunk order; a column's sums straight down the rows.
  */
-#include <stdlib.h>
-
 #include "compose.h"
 
 #define GRAM_CHUNK ((int64_t)1 << 16)
-/* below this many elements per thread, starting a thread costs more than it saves */
-#define MIN_PER_THREAD ((int64_t)1 << 16)
 
 static int pair_count(int m) { return m * (m + 1) / 2; }
-
-static int useful_threads(int threads, int64_t parts, int64_t n) {
-    int64_t nth = threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads);
-    if (nth > parts) nth = parts;
-    if (nth > n / MIN_PER_THREAD + 1) nth = n / MIN_PER_THREAD + 1;
-    return nth < 1 ? 1 : (int)nth;
-}
 
 /* x[i] = input i (minus the base) over m elements from pos */
 INLINE void vector_block(const job_t *job, int has_base, int64_t pos, int m, float *b, float (*x)[BLOCK]) {
@@ -124,7 +113,7 @@ int gram_run(gram_job *s, int threads) {
     }
     nth = useful_threads(threads, units, n);
     job->nth = nth;
-    for (t = 0; t <= nth; t++) s->unit_lo[t] = units / nth * t + (units % nth) * t / nth;
+    split_even(s->unit_lo, units, nth);
     for (t = 0; t <= nth; t++) {
         int64_t at = s->columns ? 0 : s->unit_lo[t] * s->unit_len;
         job->lo[t] = at < n ? at : n;
@@ -191,6 +180,5 @@ HOT static void pass_combination(void *p, int tid) {
 }
 
 int64_t combination_run(combination_job *s) {
-    run_threads(s, &s->job, pass_combination);
-    return job_bad(&s->job);
+    return run_stores(s, &s->job, pass_combination);
 }
