@@ -138,8 +138,16 @@ PyObject *py_change_counts(PyObject *self, PyObject *args) {
         return NULL;
     }
     for (i = 0; i < nm; i++) {
-        PyList_SET_ITEM(shared_list, i, PyLong_FromLongLong(shared[i]));
-        PyList_SET_ITEM(unique_list, i, PyLong_FromLongLong(unique[i]));
+        PyObject *a = PyLong_FromLongLong(shared[i]), *b = PyLong_FromLongLong(unique[i]);
+        if (!a || !b) { /* out of memory: no list with a NULL item may escape */
+            Py_XDECREF(a);
+            Py_XDECREF(b);
+            Py_DECREF(shared_list);
+            Py_DECREF(unique_list);
+            return NULL;
+        }
+        PyList_SET_ITEM(shared_list, i, a);
+        PyList_SET_ITEM(unique_list, i, b);
     }
     return Py_BuildValue("(NN)", shared_list, unique_list);
 }

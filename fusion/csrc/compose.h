@@ -1,6 +1,6 @@
-/* The compositions module.c binds: what each computes, its parameters, its entry point.
+/* The compositions module.c and bindings.c bind: what each computes, its parameters, its entry point.
  *
- * Each is a struct whose first member is the job (common.h): module.c fills it from Python, the
+ * Each is a struct whose first member is the job (common.h): the bindings fill it from Python, the
  * entry point runs every pass on the job's threads and returns the number of non-finite values
  * written (or -1 when out of memory). The entry points take no Python locks and call no Python.
  */
