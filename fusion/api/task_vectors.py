@@ -20,6 +20,7 @@ compiled path follows the same order.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from .params import Param
@@ -136,7 +137,7 @@ class TaskVectorMerge(Strategy):
         bad, _ = kernels.sparsified_merge(
             out, base, tensors, weights, rules, rescale=rescale, elect_signs=self.consensus,
             normalize=params["normalize"] if self.consensus else divides_by_the_weights(params),
-            scale=params["lambda"], shape=context.shape,
+            scale=params["lambda"], shape=context.shape if math.prod(context.shape) == n else (n,),
             first=context.start, threads=threads, release=release)
         return bad
 
