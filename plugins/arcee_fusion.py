@@ -16,12 +16,16 @@ if TYPE_CHECKING:
 
 #: rows whose divergences are computed at once (bounds the float64 temporaries)
 _ROWS = 1 << 20
+#: a row divergence below this is 0: the rows' softmaxes agree to ~1e-12 and the float64 sum is
+#: their rounding (a row shifted by a constant has the same softmax, yet sums to ±1e-19 or so), which
+#: the two kernel paths, with their own exp and log1p, round differently (the C kernel's twin)
+KL_FLOOR = 1e-12
 
 
 def row_divergence(base: "torch.Tensor", other: "torch.Tensor") -> "torch.Tensor":
     """KL(p‖q) = Σ p·log(p/q) of each row (along the last axis; a tensor of fewer than 2
     dimensions is one row), p = softmax(θ₁'s row) + 1e-8, q = softmax(θ₀'s row) + 1e-8: in float64,
-    rounded to float32, one float per row."""
+    0 below :data:`KL_FLOOR`, rounded to float32, one float per row."""
     import torch
 
     rows, cols = vectors.matrix_shape(tuple(other.shape), "rows")
@@ -33,7 +37,8 @@ def row_divergence(base: "torch.Tensor", other: "torch.Tensor") -> "torch.Tensor
         q = torch.softmax(rows_b[r:r + step].double(), dim=-1) + 1e-8
         # log(p/q) as log1p((p − q)/q): p − q is exact where p ≈ q, so a divergence of nearly equal
         # rows keeps its precision (and the C kernel, summing in another order, its float32 value)
-        out[r:r + step] = (p * torch.log1p((p - q) / q)).sum(dim=-1)
+        kl = (p * torch.log1p((p - q) / q)).sum(dim=-1)
+        out[r:r + step] = torch.where(kl.abs() < KL_FLOOR, 0.0, kl)
     return out
 
 

@@ -92,6 +92,9 @@ INLINE double lane_sum(const double *x, int64_t n) {
     return e;
 }
 
+/* fusion.plugins.arcee_fusion.KL_FLOOR */
+#define KL_FLOOR 1e-12
+
 HOT static void pass_divergence(void *p, int tid) {
     outlier_job *s = (outlier_job *)p;
     const job_t *job = &s->rows_job;
@@ -133,7 +136,8 @@ HOT static void pass_divergence(void *p, int tid) {
             e0[j] = pj * log1p_above_minus_one((pj - qj) / qj);
         }
         kl = lane_sum(e0, cols);
-        s->kl[r] = (float)kl;
+        /* below KL_FLOOR the sum is the rounding of softmaxes equal to ~1e-12: 0, as in the reference */
+        s->kl[r] = fabs(kl) < KL_FLOOR ? 0.0f : (float)kl;
         release_step(job, tid, at + cols, &next);
     }
 }
