@@ -174,7 +174,9 @@ def test_ram_unique_changes_add_shared_ones_average():
 def o_importance(base: np.ndarray, other: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The importances in float64, and a bound on the rounding of each: the divergence sums
     terms p·log(p/q) whose logarithms carry an absolute float64 error of a few 1e-16 (p/q is
-    rounded near 1), so its error is absolute, ~1e-16 per term, however small the sum."""
+    rounded near 1), so its error is absolute, ~1e-16 per term, however small the sum; a divergence
+    below 1e-12 is 0. The float32 product adds its relative rounding, and half the smallest
+    subnormal where it is subnormal."""
     if other.size == 0:
         return other, other
     rows_o = other.reshape(1, -1) if other.ndim < 2 else other
@@ -186,8 +188,9 @@ def o_importance(base: np.ndarray, other: np.ndarray) -> tuple[np.ndarray, np.nd
 
     p, q = softmax(rows_o) + 1e-8, softmax(rows_b) + 1e-8
     kl = (p * np.log(p / q)).sum(axis=-1, keepdims=True)
+    kl = np.where(np.abs(kl) < 1e-12, 0.0, kl)
     diff = np.abs(rows_o - rows_b)
-    bound = diff * (2 * 2.0 ** -24 * np.abs(kl) + 1e-15 * rows_o.shape[-1])
+    bound = diff * (2 * 2.0 ** -24 * np.abs(kl) + 1e-15 * rows_o.shape[-1]) + 2.0 ** -150
     return (diff * kl).reshape(other.shape), bound.reshape(other.shape)
 
 
